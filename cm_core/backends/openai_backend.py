@@ -1,0 +1,82 @@
+"""OpenAI chat models and any OpenAI-compatible server (vLLM, Ollama, llama.cpp server) via ``base_url``.
+
+The key comes from the environment (``OPENAI_API_KEY``) or the caller (the demo's key field); it is held by the
+client only, never part of the identity, the cache key, a log line or an exception message. Requests run in a
+bounded thread pool; the ``openai`` client retries 429/5xx/timeouts with exponential back-off.
+"""
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ..errors import BackendError
+from .base import LLM, GenRequest
+
+
+class OpenAIChatLLM(LLM):
+    kind = "openai"
+    supports_scores = False  # chat completions give log-probs only of their own tokens
+
+    def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
+                 timeout: float = 60.0, max_retries: int = 4, concurrency: int = 8, client=None):
+        super().__init__(model)
+        from openai import OpenAI
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        key = api_key or os.environ.get("OPENAI_API_KEY")
+        if not key:
+            if self.base_url:
+                key = "EMPTY"  # local servers (vLLM, Ollama) accept any key
+            else:
+                raise BackendError("no API key: set OPENAI_API_KEY in the environment (or enter it in the demo)")
+        self.concurrency = max(1, concurrency)
+        self.client = client or OpenAI(api_key=key, base_url=self.base_url, timeout=timeout, max_retries=max_retries)
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, "model": self.model, "base_url": self.base_url or "https://api.openai.com/v1"}
+
+    def _one(self, req: GenRequest) -> list[str]:
+        import openai
+        texts: list[str] = []
+        attempts = 0
+        while len(texts) < req.n:
+            attempts += 1
+            if attempts > req.n + 2:
+                raise BackendError(f"{self.label}: the server returned no choices")
+            kw: dict[str, Any] = dict(model=self.model, messages=req.chat(), n=req.n - len(texts),
+                                      temperature=req.temperature, max_tokens=req.max_tokens, seed=req.seed)
+            if req.top_p < 1.0:
+                kw["top_p"] = req.top_p
+            try:
+                resp = self.client.chat.completions.create(**kw)
+            except openai.APITimeoutError:
+                raise BackendError(f"{self.label}: request timed out after retries") from None
+            except openai.APIConnectionError as e:
+                raise BackendError(f"{self.label}: cannot connect to {self.identity()['base_url']} ({e.__class__.__name__})") from None
+            except openai.APIStatusError as e:
+                raise BackendError(f"{self.label}: HTTP {e.status_code} from the server: {_short(e)}") from None
+            choices = getattr(resp, "choices", None) or []
+            texts.extend((c.message.content or "").strip() for c in choices if c.message is not None)
+        return texts[: req.n]
+
+    def generate(self, requests: list[GenRequest]) -> list[list[str]]:
+        self.stats.generate_calls += len(requests)
+        if len(requests) == 1 or self.concurrency == 1:
+            return [self._one(r) for r in requests]
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(self._one, requests))
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:
+            pass
+
+
+_KEYLIKE = re.compile(r"(sk|key|Bearer)[-_ ][A-Za-z0-9_\-*.]{6,}", re.I)
+
+
+def _short(e) -> str:
+    """The server's message, cut short and with anything key-like masked (401 replies echo part of the key)."""
+    return _KEYLIKE.sub("[redacted]", str(getattr(e, "message", "") or e))[:300]

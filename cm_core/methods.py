@@ -1,0 +1,336 @@
+"""Base methods (zero-shot, few-shot, chain-of-thought, self-consistency) over any backend.
+
+Every method follows one small protocol, so CM and the evaluation can wrap any of them:
+
+- ``fit(samples)`` sees the preference samples (few-shot draws its examples from them) and returns self;
+- ``predict(texts, candidates=None)`` returns one :class:`Prediction` per text; ``candidates`` optionally
+  restricts each query to its own label subset (how CM re-asks among a bank entry's candidates);
+- ``sample(texts, temperature, seed)`` draws one answer per text at a temperature (memory bank estimation).
+
+An LLM picks a label in one of two ways. ``score``: rank the candidates by length-normalized log-probability
+(optionally calibrated against a content-free input), which also gives p(ŷ|x) for CM's soft form. ``generate``:
+the paper's protocol, sample text and clean it; it must equal a label. A backend without log-probabilities
+runs ``score`` as constrained choice by generation (k samples, their vote as p(ŷ|x)) and says so.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+import zlib
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import prompts
+from .backends.base import LLM, GenRequest, ScoreRequest
+from .data import Example
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    label: str
+    probs: dict[str, float] | None = None  # p(ŷ|x) over the candidates, when the method knows it
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def softmax(scores: Sequence[float], temperature: float = 1.0) -> np.ndarray:
+    s = np.asarray(scores, dtype=float) / max(temperature, 1e-6)
+    s = s - s.max()
+    e = np.exp(s)
+    return e / e.sum()
+
+
+def clean_answer(text: str) -> str:
+    """The paper's cleaning: first line, brackets and quotes stripped, lower-cased, spaces collapsed."""
+    text = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    text = re.sub(r"^(label|answer|intent|the label is)\s*[:\-]\s*", "", text.strip(), flags=re.I)
+    text = re.sub(r"[\[\]\(\)\{\}\"'`*]", "", text)
+    return " ".join(text.lower().split()).rstrip(".")
+
+
+def match_label(text: str, labels: Sequence[str], strict: bool = False) -> tuple[str, bool]:
+    """Map generated text to a label: exact match after cleaning; unless strict, the longest label it contains.
+
+    Returns (answer, matched). Unmatched answers are returned cleaned and count as wrong, as in the paper.
+    """
+    ans = clean_answer(text)
+    by_clean = {clean_answer(l): l for l in labels}
+    if ans in by_clean:
+        return by_clean[ans], True
+    if not strict:
+        hits = [l for c, l in by_clean.items() if c and re.search(rf"\b{re.escape(c)}\b", ans)]
+        if hits:
+            return max(hits, key=len), True
+    return ans, False
+
+
+def _stable_seed(text: str, seed: int) -> int:
+    return (zlib.crc32(text.encode("utf-8")) + 1_000_003 * seed) % (2**31)
+
+
+class Method(ABC):
+    name = "method"
+    labels: list[str]
+
+    def fit(self, samples: Sequence[Example]) -> "Method":
+        return self
+
+    @abstractmethod
+    def predict(self, texts: Sequence[str], candidates: Sequence[Sequence[str]] | None = None) -> list[Prediction]:
+        ...
+
+    def sample(self, texts: Sequence[str], temperature: float = 0.7, seed: int = 0) -> list[str]:
+        """One answer per text drawn at ``temperature`` from p(ŷ|x); argmax at temperature 0."""
+        out = []
+        for text, pred in zip(texts, self.predict(texts)):
+            if temperature <= 0 or not pred.probs:
+                out.append(pred.label)
+                continue
+            labs = list(pred.probs)
+            p = np.array([pred.probs[l] for l in labs], dtype=float) ** (1.0 / temperature)
+            p = p / p.sum()
+            rng = np.random.default_rng(_stable_seed(text, seed))
+            out.append(labs[int(rng.choice(len(labs), p=p))])
+        return out
+
+
+# --------------------------------------------------------------------------- the LLM's label choice
+
+@dataclass
+class Decoding:
+    mode: str = "score"  # "score" (candidate log-probs) or "generate" (the paper's text protocol)
+    calibrate: bool = True  # subtract the content-free input's scores (score mode)
+    list_labels: bool = True  # show the candidate labels in the prompt, as the paper does
+    prob_temperature: float = 1.0  # softmax temperature turning scores into p(ŷ|x)
+    temperature: float = 0.7  # generation: the paper samples at 0.7, top_p 0.9, 60 new tokens
+    top_p: float = 0.9
+    max_tokens: int = 60
+    n_votes: int = 5  # generation fallback for score mode: samples whose vote gives p(ŷ|x)
+    strict: bool = False  # generation: require exact match (paper) instead of accepting a contained label
+    seed: int = 0
+    batch_size: int = 8
+
+
+class LLMChooser:
+    """Chooses among candidate labels for prepared prompts. Knows the backend; methods only build prompts."""
+
+    def __init__(self, llm: LLM, decoding: Decoding | None = None):
+        self.llm = llm
+        self.dec = decoding or Decoding()
+        self._warned = False
+        self.force_votes = False  # sampled self-consistency: k generations and their majority
+
+    @property
+    def effective_mode(self) -> str:
+        if self.force_votes and self.dec.mode == "generate":
+            return "vote"
+        if self.dec.mode == "score" and not self.llm.supports_scores:
+            if not self._warned:
+                log.warning("%s gives no log-probabilities: scoring falls back to constrained choice by generation "
+                            "(%d samples, their vote is p(y|x))", self.llm.label, self.dec.n_votes)
+                self._warned = True
+            return "vote"
+        return self.dec.mode
+
+    def choose(self, messages: list[list[dict]], candidates: list[Sequence[str]],
+               calib_messages: list[list[dict]] | None = None, desc: str = "") -> list[Prediction]:
+        mode = self.effective_mode
+        preds: list[Prediction] = []
+        bs = self.dec.batch_size
+        it = range(0, len(messages), bs)
+        for start in tqdm(it, desc=desc or f"{mode}", disable=len(messages) <= bs, leave=False):
+            msgs, cands = messages[start:start + bs], candidates[start:start + bs]
+            if mode == "score":
+                calib = calib_messages[start:start + bs] if calib_messages and self.dec.calibrate else None
+                preds.extend(self._score(msgs, cands, calib))
+            else:
+                preds.extend(self._generate(msgs, cands, votes=mode == "vote"))
+        return preds
+
+    def _score(self, msgs, cands, calib) -> list[Prediction]:
+        reqs = [ScoreRequest.of(m, c) for m, c in zip(msgs, cands)]
+        results = self.llm.score(reqs)
+        calib_results = self.llm.score([ScoreRequest.of(m, c) for m, c in zip(calib, cands)]) if calib else None
+        out = []
+        for i, (c, res) in enumerate(zip(cands, results)):
+            s = np.array([r.mean for r in res])
+            if calib_results is not None:
+                s = s - np.array([r.mean for r in calib_results[i]])
+            p = softmax(s, self.dec.prob_temperature)
+            probs = {lab: float(x) for lab, x in zip(c, p)}
+            out.append(Prediction(c[int(np.argmax(s))], probs, {"scores": [round(float(x), 4) for x in s]}))
+        return out
+
+    def _generate(self, msgs, cands, votes: bool) -> list[Prediction]:
+        d = self.dec
+        n = d.n_votes if votes else 1
+        reqs = [GenRequest.of(m, n=n, temperature=d.temperature, top_p=d.top_p, max_tokens=d.max_tokens, seed=d.seed)
+                for m in msgs]
+        out = []
+        for c, texts in zip(cands, self.llm.generate(reqs)):
+            answers = [match_label(t, c, d.strict) for t in texts]
+            matched = [a for a, ok in answers if ok]
+            if votes and matched:
+                counts = Counter(matched)
+                label = counts.most_common(1)[0][0]
+                probs = {lab: counts.get(lab, 0) / len(texts) for lab in c}
+            else:
+                label, probs = answers[0][0], None
+            out.append(Prediction(label, probs, {"raw": texts[0] if texts else "", "matched": bool(matched)}))
+        return out
+
+    def generate_text(self, messages: list[list[dict]], max_tokens: int = 60) -> list[str]:
+        """Greedy free text (chain-of-thought reasoning)."""
+        reqs = [GenRequest.of(m, n=1, temperature=0.0, max_tokens=max_tokens, seed=self.dec.seed) for m in messages]
+        return [t[0] if t else "" for t in self.llm.generate(reqs)]
+
+
+# --------------------------------------------------------------------------- base methods
+
+class LLMMethod(Method):
+    """Shared plumbing: build prompts per query, calibrate with the same prompt on the content-free input."""
+
+    def __init__(self, llm: LLM, labels: Sequence[str], decoding: Decoding | None = None):
+        self.llm, self.labels = llm, list(labels)
+        self.chooser = LLMChooser(llm, decoding)
+        self.dec = self.chooser.dec
+
+    def _messages(self, text: str, cands: Sequence[str]) -> list[dict]:
+        raise NotImplementedError
+
+    def _shown(self, cands: Sequence[str]) -> Sequence[str] | None:
+        return cands if self.dec.list_labels else None
+
+    def predict(self, texts, candidates=None):
+        cands = [list(c) for c in candidates] if candidates is not None else [self.labels] * len(texts)
+        msgs = [self._messages(t, c) for t, c in zip(texts, cands)]
+        calib = [self._messages(prompts.CONTENT_FREE, c) for c in cands]
+        return self.chooser.choose(msgs, cands, calib, desc=self.name)
+
+
+class ZeroShot(LLMMethod):
+    name = "zero_shot"
+
+    def _messages(self, text, cands):
+        return prompts.zero_shot(text, self._shown(cands))
+
+
+class Retriever:
+    """Nearest preference samples by sentence-embedding cosine (the paper used averaged word vectors)."""
+
+    def __init__(self, embedder, samples: Sequence[Example]):
+        self.embedder, self.samples = embedder, list(samples)
+        self.matrix = embedder.encode([s.text for s in self.samples]) if self.samples else None
+
+    def nearest(self, texts: Sequence[str], k: int) -> list[list[Example]]:
+        """The k most similar samples, never the query itself: when CM estimates its bank on the preference
+        samples, a sample retrieving its own label would make the base method look perfect (leave-one-out)."""
+        if not self.samples:
+            return [[] for _ in texts]
+        sims = self.embedder.encode(list(texts)) @ self.matrix.T
+        order = np.argsort(-sims, axis=1)
+        out = []
+        for text, row in zip(texts, order):
+            picked = [self.samples[j] for j in row[: k + 8] if self.samples[j].text != text]
+            out.append(picked[:k])
+        return out
+
+
+class FewShot(LLMMethod):
+    """k demonstrations from the preference samples: the most similar (retrieval) or a fixed seeded set."""
+
+    def __init__(self, llm, labels, decoding=None, k: int = 5, retrieval: bool = True, embedder=None):
+        super().__init__(llm, labels, decoding)
+        self.k, self.retrieval, self.embedder = k, retrieval, embedder
+        self.name = "few_shot" if retrieval else "few_shot_fixed"
+
+    def fit(self, samples):
+        self.samples_ = list(samples)
+        if self.retrieval:
+            from .embeddings import get_embedder
+            self.retriever_ = Retriever(self.embedder or get_embedder(), self.samples_)
+        else:
+            rng = random.Random(self.dec.seed)
+            self.fixed_ = rng.sample(self.samples_, min(self.k, len(self.samples_)))
+        return self
+
+    def predict(self, texts, candidates=None):
+        if not hasattr(self, "samples_"):
+            raise RuntimeError(f"{self.name}: call fit(preference_samples) first")
+        shots = self.retriever_.nearest(texts, self.k) if self.retrieval else [self.fixed_] * len(texts)
+        cands = [list(c) for c in candidates] if candidates is not None else [self.labels] * len(texts)
+        msgs = [prompts.few_shot(t, self._shown(c), s) for t, c, s in zip(texts, cands, shots)]
+        calib = [prompts.few_shot(prompts.CONTENT_FREE, self._shown(c), s) for c, s in zip(cands, shots)]
+        return self.chooser.choose(msgs, cands, calib, desc=self.name)
+
+
+class ChainOfThought(LLMMethod):
+    """One similar preference example with worked reasoning; the model reasons, then gives the label."""
+
+    name = "cot"
+
+    def __init__(self, llm, labels, decoding=None, embedder=None, reasoning_tokens: int = 48):
+        super().__init__(llm, labels, decoding)
+        self.embedder, self.reasoning_tokens = embedder, reasoning_tokens
+
+    def fit(self, samples):
+        from .embeddings import get_embedder
+        self.retriever_ = Retriever(self.embedder or get_embedder(), samples)
+        return self
+
+    def predict(self, texts, candidates=None):
+        if not hasattr(self, "retriever_"):
+            raise RuntimeError("cot: call fit(preference_samples) first")
+        demos = [d[0] if d else None for d in self.retriever_.nearest(texts, 1)]
+        cands = [list(c) for c in candidates] if candidates is not None else [self.labels] * len(texts)
+        first = [prompts.chain_of_thought(t, self._shown(c), d) for t, c, d in zip(texts, cands, demos)]
+        reasoning = self.chooser.generate_text(first, self.reasoning_tokens)
+        msgs = [prompts.cot_answer(m, r) for m, r in zip(first, reasoning)]
+        calib = [prompts.cot_answer(prompts.chain_of_thought(prompts.CONTENT_FREE, self._shown(c), d), "")
+                 for c, d in zip(cands, demos)]
+        preds = self.chooser.choose(msgs, cands, calib, desc=self.name)
+        for p, r in zip(preds, reasoning):
+            p.info["reasoning"] = r
+        return preds
+
+
+class SelfConsistency(Method):
+    """Majority vote over several voters (the paper: zero-shot, few-shot and CoT; ties go to the first).
+
+    p(ŷ|x) is the voters' average distribution, so CM's soft form applies to it too.
+    """
+
+    name = "self_consistency"
+
+    def __init__(self, voters: Sequence[Method]):
+        self.voters = list(voters)
+        self.labels = self.voters[0].labels
+
+    def fit(self, samples):
+        for v in self.voters:
+            v.fit(samples)
+        return self
+
+    def predict(self, texts, candidates=None):
+        all_preds = [v.predict(texts, candidates) for v in self.voters]
+        out = []
+        for i in range(len(texts)):
+            votes = [p[i].label for p in all_preds]
+            counts = Counter(votes)
+            best = max(counts.values())
+            label = next(v for v in votes if counts[v] == best)  # first voter wins ties
+            dists = [p[i].probs for p in all_preds if p[i].probs]
+            probs = None
+            if dists:
+                keys = set().union(*dists)
+                probs = {k: sum(d.get(k, 0.0) for d in dists) / len(dists) for k in keys}
+            out.append(Prediction(label, probs, {"votes": votes}))
+        return out
