@@ -189,8 +189,9 @@ def load_file(path: str | os.PathLike, *, text_column: str | None = None, label_
         label_column = "label"
     examples = parse_examples(text, source=source, text_column=text_column, label_column=label_column, fmt=fmt,
                               labels=labels)
-    return Dataset(name or Path(path).parent.name if Path(path).name == "small.jsonl" else name or Path(path).stem,
-                   examples, sorted(labels) if labels else [], source)
+    if name is None:  # ClusterLLM files are <dataset>/small.jsonl: name them after the folder
+        name = Path(path).parent.name if Path(path).name in ("small.jsonl", "large.jsonl") else Path(path).stem
+    return Dataset(name, examples, sorted(labels) if labels else [], source)
 
 
 # --------------------------------------------------------------------------- public datasets

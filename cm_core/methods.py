@@ -198,10 +198,30 @@ class LLMChooser:
 class LLMMethod(Method):
     """Shared plumbing: build prompts per query, calibrate with the same prompt on the content-free input."""
 
-    def __init__(self, llm: LLM, labels: Sequence[str], decoding: Decoding | None = None):
+    def __init__(self, llm: LLM, labels: Sequence[str], decoding: Decoding | None = None,
+                 shortlist: int | None = None, embedder=None):
         self.llm, self.labels = llm, list(labels)
         self.chooser = LLMChooser(llm, decoding)
         self.dec = self.chooser.dec
+        self.shortlist, self.embedder = shortlist, embedder
+
+    def fit(self, samples):
+        if self.shortlist:
+            from .embeddings import get_embedder
+            self.shortlist_ = Retriever(self.embedder or get_embedder(), samples)
+        return self
+
+    def _candidates(self, texts, candidates) -> list[list[str]]:
+        """Each query's candidates: the given subsets, else all labels, or with ``shortlist=k`` only the labels of
+        the k most similar preference samples (fewer, better candidates: cheaper and easier for a small model)."""
+        if candidates is not None:
+            return [list(c) for c in candidates]
+        if self.shortlist:
+            if not hasattr(self, "shortlist_"):
+                raise RuntimeError(f"{self.name}: call fit(preference_samples) first")
+            near = self.shortlist_.nearest(texts, self.shortlist)
+            return [sorted({e.label for e in n}) or list(self.labels) for n in near]
+        return [list(self.labels)] * len(texts)
 
     def _messages(self, text: str, cands: Sequence[str]) -> list[dict]:
         raise NotImplementedError
@@ -210,7 +230,7 @@ class LLMMethod(Method):
         return cands if self.dec.list_labels else None
 
     def predict(self, texts, candidates=None):
-        cands = [list(c) for c in candidates] if candidates is not None else [self.labels] * len(texts)
+        cands = self._candidates(texts, candidates)
         msgs = [self._messages(t, c) for t, c in zip(texts, cands)]
         calib = [self._messages(prompts.CONTENT_FREE, c) for c in cands]
         return self.chooser.choose(msgs, cands, calib, desc=self.name)
@@ -247,12 +267,14 @@ class Retriever:
 class FewShot(LLMMethod):
     """k demonstrations from the preference samples: the most similar (retrieval) or a fixed seeded set."""
 
-    def __init__(self, llm, labels, decoding=None, k: int = 5, retrieval: bool = True, embedder=None):
-        super().__init__(llm, labels, decoding)
-        self.k, self.retrieval, self.embedder = k, retrieval, embedder
+    def __init__(self, llm, labels, decoding=None, k: int = 5, retrieval: bool = True, embedder=None,
+                 shortlist: int | None = None):
+        super().__init__(llm, labels, decoding, shortlist, embedder)
+        self.k, self.retrieval = k, retrieval
         self.name = "few_shot" if retrieval else "few_shot_fixed"
 
     def fit(self, samples):
+        super().fit(samples)
         self.samples_ = list(samples)
         if self.retrieval:
             from .embeddings import get_embedder
@@ -266,7 +288,7 @@ class FewShot(LLMMethod):
         if not hasattr(self, "samples_"):
             raise RuntimeError(f"{self.name}: call fit(preference_samples) first")
         shots = self.retriever_.nearest(texts, self.k) if self.retrieval else [self.fixed_] * len(texts)
-        cands = [list(c) for c in candidates] if candidates is not None else [self.labels] * len(texts)
+        cands = self._candidates(texts, candidates)
         msgs = [prompts.few_shot(t, self._shown(c), s) for t, c, s in zip(texts, cands, shots)]
         calib = [prompts.few_shot(prompts.CONTENT_FREE, self._shown(c), s) for c, s in zip(cands, shots)]
         return self.chooser.choose(msgs, cands, calib, desc=self.name)
@@ -277,11 +299,13 @@ class ChainOfThought(LLMMethod):
 
     name = "cot"
 
-    def __init__(self, llm, labels, decoding=None, embedder=None, reasoning_tokens: int = 48):
-        super().__init__(llm, labels, decoding)
-        self.embedder, self.reasoning_tokens = embedder, reasoning_tokens
+    def __init__(self, llm, labels, decoding=None, embedder=None, reasoning_tokens: int = 48,
+                 shortlist: int | None = None):
+        super().__init__(llm, labels, decoding, shortlist, embedder)
+        self.reasoning_tokens = reasoning_tokens
 
     def fit(self, samples):
+        super().fit(samples)
         from .embeddings import get_embedder
         self.retriever_ = Retriever(self.embedder or get_embedder(), samples)
         return self
@@ -290,7 +314,7 @@ class ChainOfThought(LLMMethod):
         if not hasattr(self, "retriever_"):
             raise RuntimeError("cot: call fit(preference_samples) first")
         demos = [d[0] if d else None for d in self.retriever_.nearest(texts, 1)]
-        cands = [list(c) for c in candidates] if candidates is not None else [self.labels] * len(texts)
+        cands = self._candidates(texts, candidates)
         first = [prompts.chain_of_thought(t, self._shown(c), d) for t, c, d in zip(texts, cands, demos)]
         reasoning = self.chooser.generate_text(first, self.reasoning_tokens)
         msgs = [prompts.cot_answer(m, r) for m, r in zip(first, reasoning)]

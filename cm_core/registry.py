@@ -8,7 +8,8 @@ from .baselines import KNN, LabelSimilarity, LogReg
 from .errors import CMError
 from .methods import ChainOfThought, Decoding, FewShot, Method, SelfConsistency, ZeroShot
 
-LLM_METHODS = ("zero_shot", "few_shot", "few_shot_fixed", "cot", "self_consistency")
+LLM_METHODS = ("zero_shot", "few_shot", "few_shot_fixed", "cot", "self_consistency", "zero_shot_knn", "few_shot_knn")
+SHORTLIST_K = 10  # *_knn methods: candidates = labels of the 10 most similar preference samples
 BASELINES = ("label_similarity", "knn", "logreg")
 ALL_METHODS = LLM_METHODS + BASELINES
 # suffix -> (form, single-candidate rule). "+cm": the paper's formula; "+cm_paper": its code; "+cm_soft": soft form.
@@ -40,6 +41,14 @@ def build_method(name: str, llm: LLM | None, labels: Sequence[str], decoding: De
         return FewShot(llm, labels, decoding, retrieval=True)
     if name == "few_shot_fixed":
         return FewShot(llm, labels, decoding, retrieval=False)
+    if name == "zero_shot_knn":
+        m = ZeroShot(llm, labels, decoding, shortlist=SHORTLIST_K)
+        m.name = name
+        return m
+    if name == "few_shot_knn":
+        m = FewShot(llm, labels, decoding, shortlist=SHORTLIST_K)
+        m.name = name
+        return m
     if name == "cot":
         return ChainOfThought(llm, labels, decoding)
     if name == "self_consistency":
