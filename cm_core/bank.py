@@ -133,10 +133,13 @@ class MemoryBank:
     def from_json(cls, text_or_path: str | Path) -> "MemoryBank":
         source = "<bank>"
         text = text_or_path
-        if isinstance(text_or_path, Path) or (isinstance(text_or_path, str) and not text_or_path.lstrip().startswith("{")
-                                              and Path(text_or_path).is_file()):
+        looks_like_json = isinstance(text_or_path, str) and text_or_path.lstrip()[:1] in ("{", "[", '"')
+        if isinstance(text_or_path, Path) or (not looks_like_json and len(text_or_path) < 4096
+                                              and (Path(text_or_path).is_file() or text_or_path.endswith(".json"))):
             p = Path(text_or_path)
             source = str(p)
+            if not p.is_file():
+                raise BankError("file not found", source=source)
             if p.stat().st_size > MAX_BANK_BYTES:
                 raise BankError(f"file over the {MAX_BANK_BYTES // 2**20} MB limit", source=source)
             try:

@@ -106,10 +106,10 @@ def _records_jsonl(text: str, source: str) -> Iterable[tuple[int, dict]]:
 
 
 def _records_csv(text: str, source: str, delimiter: str) -> Iterable[tuple[int, dict]]:
-    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
-    if not reader.fieldnames:
-        raise DataError("no header row", source=source, line=1)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
+        if not reader.fieldnames:
+            raise DataError("no header row", source=source, line=1)
         for rec in reader:
             if None in rec:  # more cells than header columns
                 raise DataError("row has more cells than the header", source=source, line=reader.line_num)
@@ -139,10 +139,11 @@ def columns_of(text: str, source: str = "<text>", fmt: str | None = None) -> lis
         for _, rec in _records_jsonl(text, source):
             return list(rec.keys())
         return []
-    for _, rec in _records_csv(text, source, "\t" if fmt == "tsv" else ","):
-        return list(rec.keys())
-    reader = csv.reader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")
-    return next(reader, [])
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",")
+    try:
+        return next(reader, [])
+    except csv.Error as e:
+        raise DataError(f"malformed CSV ({e})", source=source, line=1) from None
 
 
 def parse_examples(text: str, *, source: str = "<text>", text_column: str = "input", label_column: str | None = "label",

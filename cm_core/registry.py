@@ -72,4 +72,7 @@ def build_chooser(base_name: str, fitted_base: Method, llm: LLM | None, labels, 
     """Who picks among several candidates: the paper re-asks zero-shot; a non-LLM base restricts itself."""
     if base_name in BASELINES or llm is None:
         return fitted_base
-    return ZeroShot(llm, labels, decoding)
+    # The re-ask always shows the bank's candidates in the prompt (they are few): without them a candidate's
+    # score would not depend on which others are offered, and the base answer would simply win again.
+    dec = Decoding(**{**(decoding or Decoding()).__dict__, "list_labels": True})
+    return ZeroShot(llm, labels, dec)

@@ -118,7 +118,7 @@ class TransformersLLM(LLM):
                     depths.append(j)
         P, N = len(prompt), len(tokens)
         with torch.inference_mode():
-            out = self.model_obj(torch.tensor([prompt], device=dev), use_cache=True)
+            out = self.model_obj(torch.tensor([prompt], device=dev), use_cache=True, logits_to_keep=1)
             first_lp = torch.log_softmax(out.logits[0, -1].float(), -1)
             node_lp = None
             if N:

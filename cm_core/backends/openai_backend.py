@@ -55,7 +55,10 @@ class OpenAIChatLLM(LLM):
             except openai.APIConnectionError as e:
                 raise BackendError(f"{self.label}: cannot connect to {self.identity()['base_url']} ({e.__class__.__name__})") from None
             except openai.APIStatusError as e:
-                raise BackendError(f"{self.label}: HTTP {e.status_code} from the server: {_short(e)}") from None
+                raise BackendError(f"{self.label}: HTTP {e.status_code} from the server: "
+                                   f"{_short(e, getattr(self.client, 'api_key', None))}") from None
+            except (openai.OpenAIError, ValueError) as e:  # e.g. a 200 reply whose body is not JSON
+                raise BackendError(f"{self.label}: unusable reply from the server ({type(e).__name__})") from None
             choices = getattr(resp, "choices", None) or []
             texts.extend((c.message.content or "").strip() for c in choices if c.message is not None)
         return texts[: req.n]
@@ -74,9 +77,14 @@ class OpenAIChatLLM(LLM):
             pass
 
 
-_KEYLIKE = re.compile(r"(sk|key|Bearer)[-_ ][A-Za-z0-9_\-*.]{6,}", re.I)
+_KEYLIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-*.]{6,}|Bearer\s+\S+)", re.I)
 
 
-def _short(e) -> str:
-    """The server's message, cut short and with anything key-like masked (401 replies echo part of the key)."""
-    return _KEYLIKE.sub("[redacted]", str(getattr(e, "message", "") or e))[:300]
+def _short(e, secret: str | None = None) -> str:
+    """The server's message, cut short and with anything key-like masked (401 replies echo part of the key).
+
+    The key itself is masked whatever its shape (a local server's key need not look like ``sk-...``)."""
+    text = str(getattr(e, "message", "") or e)
+    if secret and len(secret) >= 4:
+        text = text.replace(secret, "[redacted]")
+    return _KEYLIKE.sub("[redacted]", text)[:300]

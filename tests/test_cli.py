@@ -1,0 +1,172 @@
+"""The command line: evaluate writes a results JSON, estimate + predict round-trip a bank, bad input exits 2
+with a one-line message and no traceback."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cm_core.bank import MemoryBank
+from cm_core.cli import main
+from cm_core.data import load_file
+from cm_core.evaluate import accuracy
+
+from conftest import REPO
+
+LABELS = ("alarm", "weather", "cooking", "transport")
+
+
+@pytest.fixture(scope="module")
+def tiny(data_dir, tmp_path_factory):
+    """60 rows of massive_scenario, 15 for each of 4 labels, written to a tmp jsonl (read from shared/)."""
+    counts = {lab: 0 for lab in LABELS}
+    rows = []
+    with open(data_dir / "massive_scenario" / "small.jsonl", encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if r["label"] in counts and counts[r["label"]] < 15:
+                counts[r["label"]] += 1
+                rows.append(r)
+    path = tmp_path_factory.mktemp("cli") / "tiny.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _run(args, tmp_path, timeout=540) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CM_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    env.pop("OPENAI_API_KEY", None)
+    return subprocess.run([sys.executable, "-m", "cm_core", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_evaluate_baselines_writes_results(tiny, tmp_path):
+    out = tmp_path / "out" / "results.json"
+    r = _run(["evaluate", "--dataset", str(tiny), "--model", "embedded", "--methods", "label_similarity,knn,logreg",
+              "--n-test", "20", "--pref-count", "20", "--cache-dir", str(tmp_path / "cache"), "--output", str(out)],
+             tmp_path)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text(encoding="utf-8"))
+    assert set(res) >= {"version", "config", "results", "banks", "gold", "texts", "predictions", "run"}
+    cfg = res["config"]
+    assert cfg["n_test"] == 20 and cfg["pref_count"] == 20 and cfg["seed"] == 40 and cfg["dataset"] == "tiny"
+    assert cfg["n_labels"] == 4 and cfg["model"] is None  # baselines only: no LLM was loaded
+    assert set(res["results"]) == {"label_similarity", "label_similarity+cm", "knn", "knn+cm", "logreg", "logreg+cm"}
+    assert len(res["gold"]) == len(res["texts"]) == 20 and set(res["gold"]) <= set(LABELS)
+    for name, r_ in res["results"].items():
+        preds = res["predictions"][name]
+        assert r_["accuracy"] == pytest.approx(accuracy(res["gold"], preds))  # recomputable from the file
+        assert r_["ci95"][0] <= r_["accuracy"] <= r_["ci95"][1] and r_["n"] == 20
+        assert 0 <= r_["macro_f1"] <= 1 and r_["kind"] == "baseline"
+        if name.endswith("+cm"):
+            assert 0 <= r_["p_value"] <= 1 and r_["base"] == name[:-3]
+            assert sum(r_["actions"].values()) == 20
+    for base in ("label_similarity", "knn", "logreg"):
+        assert res["banks"][base]["stats"]["samples"] == 20
+    # the printed table names every method
+    for name in res["results"]:
+        assert name in r.stdout
+    assert f"wrote {out}" in r.stdout
+
+
+def test_estimate_then_predict_round_trip(tiny, tmp_path, capsys):
+    bank_path = tmp_path / "bank.json"
+    rc = main(["estimate", "--dataset", str(tiny), "--method", "label_similarity", "--all-samples",
+               "--cache-dir", str(tmp_path / "cache"), "--output", str(bank_path)])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    bank = MemoryBank.from_json(bank_path)
+    ds = load_file(tiny)
+    assert printed["output"] == str(bank_path) and printed["samples"] == len(ds) == bank.n_samples
+    assert bank.meta["labels"] == ds.labels and bank.meta["base_method"] == "label_similarity"
+    assert {lab for row in bank.counts.values() for lab in row} <= set(ds.labels)
+
+    queries = tmp_path / "queries.txt"
+    texts = ds.texts[:6] + ["what time does the bakery open tomorrow"]
+    queries.write_text("\n".join(texts) + "\n\n", encoding="utf-8")
+    preds_path = tmp_path / "preds.jsonl"
+    rc = main(["predict", "--bank", str(bank_path), "--input", str(queries), "--method", "label_similarity+cm",
+               "--cache-dir", str(tmp_path / "cache"), "--output", str(preds_path)])
+    assert rc == 0
+    rows = [json.loads(line) for line in preds_path.read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in rows] == texts  # one row per query, blank lines skipped, order kept
+    for r in rows:
+        assert r["answer"] in ds.labels and r["base"] in ds.labels
+        cands = bank.candidates(r["base"])
+        if not cands:
+            assert r["action"] == "keep" and r["answer"] == r["base"]
+        elif len(cands) == 1:
+            assert r["action"] == "map" and r["answer"] == next(iter(cands))
+        else:
+            assert r["action"] == "choose" and r["answer"] in cands
+        assert r["candidates"] == (cands or {})
+
+
+def test_evaluate_zero_shot_against_an_openai_compatible_server(tiny, tmp_path, fake_openai):
+    gold = {e.text: e.label for e in load_file(tiny).examples}
+    server = fake_openai(lambda query, listed: gold[query])  # an oracle: the CLI plumbing is under test here
+    out = tmp_path / "res.json"
+    r = _run(["evaluate", "--dataset", str(tiny), "--model", "openai:oracle", "--base-url", server.base_url,
+              "--methods", "zero_shot", "--n-test", "12", "--pref-count", "8", "--cache-dir", str(tmp_path / "c"),
+              "--output", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text(encoding="utf-8"))
+    assert res["config"]["scoring"] == "generation-fallback"
+    assert res["config"]["model"]["model"] == "oracle"
+    assert res["results"]["zero_shot"]["accuracy"] == 1.0 and res["results"]["zero_shot+cm"]["accuracy"] == 1.0
+    assert server.requests and all(b["model"] == "oracle" for b in server.requests)
+
+
+def _assert_one_line_error(rc, stdout, stderr, *needles):
+    assert rc == 2, (stdout, stderr)
+    err = stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "Traceback" not in stderr and "Traceback" not in stdout
+    for n in needles:
+        assert n in err, err
+
+
+def test_missing_dataset_file_exits_2(tmp_path):
+    r = _run(["evaluate", "--dataset", str(tmp_path / "missing.jsonl"), "--methods", "knn"], tmp_path)
+    _assert_one_line_error(r.returncode, r.stdout, r.stderr, "missing.jsonl")
+
+
+# the remaining bad inputs go through main() in-process (the same code path, without a new interpreter each)
+
+def _main(args, capsys):
+    rc = main(args)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_unknown_method(tiny, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    rc, so, se = _main(["evaluate", "--dataset", str(tiny), "--methods", "knn,telepathy", "--output", str(out)], capsys)
+    _assert_one_line_error(rc, so, se, "unknown method 'telepathy'")
+    assert not out.exists()
+    bank = tmp_path / "bank.json"
+    MemoryBank.from_pairs([("alarm", "alarm")], meta={"labels": list(LABELS)}).to_json(bank)
+    rc, so, se = _main(["predict", "--bank", str(bank), "--input", str(tiny), "--method", "zero_shot+cm_extra"],
+                       capsys)
+    _assert_one_line_error(rc, so, se, "unknown method 'zero_shot+cm_extra'")
+
+
+def test_missing_bank_file(tiny, tmp_path, capsys):
+    rc, so, se = _main(["predict", "--bank", str(tmp_path / "none.json"), "--input", str(tiny)], capsys)
+    _assert_one_line_error(rc, so, se, "none.json", "not found")
+
+
+def test_malformed_data_and_bank(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "label": "x"}\n{"input": "b", "label"\n', encoding="utf-8")
+    rc, so, se = _main(["estimate", "--dataset", str(bad), "--method", "label_similarity", "--all-samples",
+                        "--output", str(tmp_path / "b.json")], capsys)
+    _assert_one_line_error(rc, so, se, "bad.jsonl", "line 2")
+    bank = tmp_path / "bank.json"
+    bank.write_text('{"format": "cm-memory-bank", "version": 99, "counts": {}}', encoding="utf-8")
+    q = tmp_path / "q.txt"
+    q.write_text("hello\n", encoding="utf-8")
+    rc, so, se = _main(["predict", "--bank", str(bank), "--input", str(q)], capsys)
+    _assert_one_line_error(rc, so, se, "bank.json", "version 99")

@@ -1,0 +1,196 @@
+"""Methods on fake backends (calibration, the generation fallback, answer cleaning, the metrics), then end to end
+on the embedded SmolLM2-135M-Instruct (CPU): fast trie scoring equals naive scoring, and CM moves a zero-shot model
+onto a user's own wording of the labels.
+
+The embedded-model tests are kept tiny on purpose (one prompt; 6 labels, 30 preference samples, 20 test queries):
+scoring costs a few ms per candidate token on an idle CPU core, far more on a busy one.
+"""
+from __future__ import annotations
+
+import pytest
+
+from cm_core import prompts
+from cm_core.backends.base import LLM, CandidateScore, ScoreRequest
+from cm_core.data import Dataset, Example, load_dataset
+from cm_core.evaluate import accuracy, bootstrap_ci, macro_f1, mcnemar_p, run_evaluation
+from cm_core.methods import Decoding, ZeroShot, clean_answer, match_label
+
+# the user's own names for six clearly distinct massive_scenario labels
+SLANG = {"alarm": "wake-up buzz", "weather": "sky report", "music": "tunes", "cooking": "grub",
+         "transport": "ride", "news": "headlines"}
+
+
+# --------------------------------------------------------------------------- methods on fake backends
+
+class BiasedScorer(LLM):
+    """Log-probabilities with a strong prior for "tunes": on a real query the right label scores -1 and the
+    others -3, but "tunes" always gets +2.5 (so it wins uncalibrated); the content-free input reveals the prior."""
+
+    kind, supports_scores = "fake", True
+
+    def __init__(self, gold: dict[str, str]):
+        super().__init__("biased")
+        self.gold = gold
+        self.requests: list[ScoreRequest] = []
+
+    def generate(self, requests):
+        raise AssertionError("score mode must not generate")
+
+    def score(self, requests):
+        out = []
+        for r in requests:
+            self.requests.append(r)
+            query = r.messages[-1][1].removeprefix("Query: ").removesuffix("\nLabel:")
+            right = self.gold.get(query)
+            out.append([CandidateScore((-1.0 if c == right else -3.0) + (2.5 if c == "tunes" else 0.0), 1)
+                        for c in r.candidates])
+        return out
+
+
+class Voter(LLM):
+    """No log-probabilities: answers by generation, 3 of 5 samples the right label, 2 something else."""
+
+    kind, supports_scores = "fake", False
+
+    def __init__(self, gold: dict[str, str]):
+        super().__init__("voter")
+        self.gold, self.ns = gold, []
+
+    def generate(self, requests):
+        out = []
+        for r in requests:
+            self.ns.append(r.n)
+            query = r.messages[-1][1].removeprefix("Query: ").removesuffix("\nLabel:")
+            out.append(([f"Label: {self.gold[query]}."] * 3 + ["tunes", "I think it is nothing"])[: r.n])
+        return out
+
+
+GOLD = {"will it rain": "sky report", "wake me at six": "wake-up buzz", "play jazz": "tunes"}
+LABELS = ["sky report", "tunes", "wake-up buzz"]
+
+
+def test_calibration_removes_the_label_prior():
+    llm = BiasedScorer(GOLD)
+    raw = ZeroShot(llm, LABELS, Decoding(calibrate=False, list_labels=False)).predict(list(GOLD))
+    assert [p.label for p in raw] == ["tunes"] * 3
+    cal = ZeroShot(llm, LABELS, Decoding(calibrate=True, list_labels=False)).predict(list(GOLD))
+    assert [p.label for p in cal] == [GOLD[q] for q in GOLD]
+    assert {r.messages[-1][1] for r in llm.requests} >= {f"Query: {prompts.CONTENT_FREE}\nLabel:"}
+    for p in cal:
+        assert sum(p.probs.values()) == pytest.approx(1.0) and max(p.probs, key=p.probs.get) == p.label
+    # restricted candidates (CM's second call) are scored among themselves only
+    sub = ZeroShot(llm, LABELS, Decoding(list_labels=False)).predict(["will it rain"], [["tunes", "wake-up buzz"]])
+    assert set(sub[0].probs) == {"tunes", "wake-up buzz"}
+
+
+def test_score_mode_without_logprobs_votes_by_generation():
+    llm = Voter(GOLD)
+    method = ZeroShot(llm, LABELS, Decoding(mode="score", n_votes=5, list_labels=False))
+    preds = method.predict(list(GOLD))
+    assert llm.ns == [5, 5, 5]
+    for q, p in zip(GOLD, preds):
+        assert p.label == GOLD[q]
+        expected = {lab: 0.0 for lab in LABELS}
+        expected[GOLD[q]] += 0.6
+        expected["tunes"] += 0.2  # the unmatched fifth sample counts in the denominator only
+        assert p.probs == pytest.approx(expected)
+
+
+def test_answer_cleaning_and_matching():
+    assert clean_answer('Label: "Sky Report".\nbecause it rains') == "sky report"
+    assert clean_answer("  [Wake-up   Buzz] ") == "wake-up buzz"
+    assert clean_answer("") == ""
+    assert match_label("Answer: TUNES", LABELS) == ("tunes", True)
+    assert match_label("this is a sky report for sure", LABELS) == ("sky report", True)
+    assert match_label("this is a sky report for sure", LABELS, strict=True) == ("this is a sky report for sure",
+                                                                                  False)
+    assert match_label("weather", LABELS) == ("weather", False)  # kept as said, counts as wrong
+
+
+def test_metrics_by_hand():
+    gold = ["a", "a", "b", "b", "b", "a"]
+    assert accuracy(gold, ["a", "b", "b", "b", "a", "a"]) == pytest.approx(4 / 6)
+    # a prediction outside the gold labels is an error, not a class of its own
+    assert macro_f1(["a", "a", "b"], ["a", "c", "b"]) == pytest.approx((2 / 3 + 1.0) / 2)
+    # McNemar: 6 discordant pairs, all in favour of the new predictions -> two-sided p = 2 * 0.5**6
+    base = ["x"] * 6
+    assert mcnemar_p(gold, base, gold) == pytest.approx(2 * 0.5 ** 6)
+    assert mcnemar_p(gold, gold, gold) == 1.0
+    preds = ["a", "b", "b", "b", "a", "a"] * 5
+    lo, hi = bootstrap_ci(gold * 5, preds, seed=1)
+    assert lo <= accuracy(gold * 5, preds) <= hi and hi - lo > 0.05
+    assert bootstrap_ci(gold * 5, preds, seed=1) == [lo, hi]  # seeded
+    assert bootstrap_ci(gold, gold) == [1.0, 1.0]
+
+
+# --------------------------------------------------------------------------- the embedded model
+
+@pytest.mark.slow
+def test_trie_scoring_equals_naive_scoring(embedded_raw):
+    # shared prefixes ("play", "play music", "play radio"; "alarm", "alarm clock") exercise the trie
+    labels = ["play", "play music", "play radio", "alarm", "alarm clock", "weather", "email", "calendar",
+              "cooking", "iot"]
+    req = ScoreRequest.of(prompts.zero_shot("wake me up at seven tomorrow", labels), labels)
+    fast = embedded_raw.score([req])[0]
+    slow = embedded_raw.naive_score(req)
+    assert len(fast) == len(slow) == len(labels)
+    for lab, f, s in zip(labels, fast, slow):
+        assert f.n_tokens == s.n_tokens, lab
+        assert f.logprob == pytest.approx(s.logprob, abs=1e-3), lab
+        assert f.logprob < 0
+    # the candidates are not all alike: the comparison above is not between constants
+    assert max(s.logprob for s in slow) - min(s.logprob for s in slow) > 0.5
+
+
+def _slang_dataset() -> Dataset:
+    """massive_scenario rows of the six labels, gold renamed to the user's slang. The candidate label set the
+    model is shown stays the original names (what a small model understands): the user's wording is exactly
+    what zero-shot cannot produce and what CM's memory bank has to learn from the preference samples."""
+    ds = load_dataset("massive_scenario")
+    rows = [Example(e.text, SLANG[e.label]) for e in ds.examples if e.label in SLANG]
+    return Dataset("massive_scenario:slang", rows, labels=sorted(SLANG))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~70 scoring calls: well under a minute on an idle CPU, many minutes on a busy one
+def test_cm_learns_the_users_wording(embedded_llm, data_dir):
+    ds = _slang_dataset()
+    assert not set(ds.labels) & set(SLANG.values())
+    res = run_evaluation(ds, embedded_llm, ["zero_shot+cm"], pref_count=30, n_test=20, seed=40, stratified=True,
+                         decoding=Decoding(seed=40, list_labels=False), n_boot=500)
+
+    cfg = res["config"]
+    assert cfg["seed"] == 40 and cfg["dataset"] == "massive_scenario:slang"
+    assert cfg["model"] == embedded_llm.identity() and cfg["model"]["kind"] == "embedded"
+    assert cfg["n_test"] == 20 and cfg["pref_count"] == 30 and cfg["scoring"] == "score"
+    for name in ("zero_shot", "zero_shot+cm"):
+        r = res["results"][name]
+        assert r["n"] == 20
+        assert 0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] <= 1
+        assert 0 <= r["macro_f1"] <= 1
+        assert r["accuracy"] == pytest.approx(accuracy(res["gold"], res["predictions"][name]))
+    cm = res["results"]["zero_shot+cm"]
+    assert 0 <= cm["p_value"] <= 1 and cm["base"] == "zero_shot"
+    assert sum(cm["actions"].values()) == 20
+
+    gold, base, final = res["gold"], res["predictions"]["zero_shot"], res["predictions"]["zero_shot+cm"]
+    assert set(gold) <= set(SLANG.values()) and set(base) <= set(SLANG)  # the model answers in its own words
+    assert res["results"]["zero_shot"]["accuracy"] == 0.0
+
+    # every CM answer follows the memory bank estimated from the model's own answers on the preference samples
+    bank = res["banks"]["zero_shot"]["bank"]["counts"]
+    assert res["banks"]["zero_shot"]["stats"]["samples"] == 30
+    assert {lab for row in bank.values() for lab in row} <= set(SLANG.values())
+    for b, f in zip(base, final):
+        cands = bank.get(b, {})
+        if not cands:
+            assert f == b
+        elif len(cands) == 1:
+            assert f == next(iter(cands))
+        else:
+            assert f in cands
+
+    # and it pays off: CM beats zero-shot, and beats always answering the most frequent test label
+    majority = max(gold.count(g) for g in set(gold)) / len(gold)
+    assert cm["accuracy"] > res["results"]["zero_shot"]["accuracy"]
+    assert cm["accuracy"] > majority, (cm["accuracy"], majority, list(zip(gold, base, final)))
