@@ -41,12 +41,42 @@ def bootstrap_ci(gold, pred, metric=accuracy, n_resamples: int = 1000, seed: int
         correct = (g == p).astype(float)
         res = stats.bootstrap((correct,), np.mean, n_resamples=n_resamples, method="percentile",
                               random_state=seed, vectorized=True)
+    elif metric is macro_f1:
+        res = stats.bootstrap((np.arange(len(g)),), _macro_f1_vectorized(g, p), n_resamples=n_resamples,
+                              method="percentile", random_state=seed, vectorized=True)
     else:
         idx = np.arange(len(g))
         res = stats.bootstrap((idx,), lambda i: metric(list(g[i]), list(p[i])), n_resamples=n_resamples,
                               method="percentile", random_state=seed, vectorized=False)
     lo, hi = res.confidence_interval
     return [float(np.nan_to_num(lo, nan=0.0)), float(np.nan_to_num(hi, nan=0.0))]
+
+
+def _macro_f1_vectorized(gold: np.ndarray, pred: np.ndarray):
+    """Macro-F1 of many resamples at once (rows of indices), equal to :func:`macro_f1` on each resample:
+    per-class counts by bincount, averaged over the classes present in that resample's gold labels."""
+    classes = sorted(set(gold.tolist()))
+    code = {c: i for i, c in enumerate(classes)}
+    k = len(classes)
+    g = np.array([code[x] for x in gold])
+    pr = np.array([code.get(x, k) for x in pred])  # k: a prediction outside the gold classes
+
+    def stat(idx, axis=-1):
+        idx = np.atleast_2d(idx)
+        gi, pi = g[idx], pr[idx]
+        rows = np.arange(idx.shape[0])[:, None]
+        tp = np.zeros((idx.shape[0], k + 1))
+        gold_n = np.zeros_like(tp)
+        pred_n = np.zeros_like(tp)
+        np.add.at(gold_n, (rows, gi), 1)
+        np.add.at(pred_n, (rows, pi), 1)
+        np.add.at(tp, (rows, gi), (gi == pi).astype(float))
+        tp, gold_n, pred_n = tp[:, :k], gold_n[:, :k], pred_n[:, :k]
+        denom = gold_n + pred_n
+        f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+        present = gold_n > 0
+        return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
+    return stat
 
 
 def mcnemar_p(gold, base_pred, new_pred) -> float:
