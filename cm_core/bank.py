@@ -150,4 +150,7 @@ class MemoryBank:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise BankError(f"malformed JSON ({e.msg})", source=source, line=e.lineno) from None
+        except (ValueError, RecursionError) as e:  # a number too long for int(), or nesting deeper than the stack
+            problem = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+            raise BankError(f"malformed JSON ({problem})", source=source) from None
         return cls.from_dict(obj, source)

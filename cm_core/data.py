@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,14 +93,25 @@ def _clean_field(value, what: str, source: str, line: int) -> str:
     return text
 
 
+def _json_problem(e: Exception) -> str:
+    """What json.loads choked on: its message, a number too long for int(), or nesting deeper than the stack."""
+    if isinstance(e, json.JSONDecodeError):
+        return e.msg
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).split(":")[0]  # ValueError: "Exceeds the limit (4300 digits) for integer string conversion"
+
+
 def _records_jsonl(text: str, source: str) -> Iterable[tuple[int, dict]]:
-    for i, line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n, \r\n or \r (JSON escapes those inside strings), not where str.splitlines() also splits:
+    # U+2028, U+0085, \x1c-\x1e, which json.dumps(..., ensure_ascii=False) writes unescaped inside strings.
+    for i, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"malformed JSON ({e.msg})", source=source, line=i) from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise DataError(f"malformed JSON ({_json_problem(e)})", source=source, line=i) from None
         if not isinstance(rec, dict):
             raise DataError(f"expected a JSON object, got {type(rec).__name__}", source=source, line=i)
         yield i, rec
@@ -155,6 +167,12 @@ def parse_examples(text: str, *, source: str = "<text>", text_column: str = "inp
     error naming the line. Exact duplicate rows are dropped (they would double-count in the memory bank).
     """
     fmt = fmt or sniff_format(source, text)
+    if fmt != "jsonl":  # csv.DictReader silently keeps the last of two same-named columns
+        header = columns_of(text, source, fmt)
+        for col in (text_column, label_column):
+            if col is not None and header.count(col) > 1:
+                raise DataError(f"column {col!r} appears {header.count(col)} times in the header", source=source,
+                                line=1)
     records = _records_jsonl(text, source) if fmt == "jsonl" else _records_csv(text, source, "\t" if fmt == "tsv" else ",")
     allowed = set(labels) if labels is not None else None
     out, seen = [], set()
@@ -183,6 +201,8 @@ def load_file(path: str | os.PathLike, *, text_column: str | None = None, label_
     fmt = sniff_format(source, text)
     if text_column is None:
         cols = columns_of(text, source, fmt)
+        if not cols:
+            raise DataError("no examples found (empty file?)", source=source)
         text_column = next((c for c in ("input", "text", "query", "sentence") if c in cols), None)
         if text_column is None:
             raise DataError(f"cannot tell the text column; columns are {cols}. Pass text_column=", source=source)

@@ -40,10 +40,11 @@ class OpenAIChatLLM(LLM):
         import openai
         texts: list[str] = []
         attempts = 0
+        problem = "the server returned no choices"
         while len(texts) < req.n:
             attempts += 1
-            if attempts > req.n + 2:
-                raise BackendError(f"{self.label}: the server returned no choices")
+            if attempts > req.n + 2:  # bounded: a reply without (usable) choices is asked again a few times only
+                raise BackendError(f"{self.label}: {problem}")
             kw: dict[str, Any] = dict(model=self.model, messages=req.chat(), n=req.n - len(texts),
                                       temperature=req.temperature, max_tokens=req.max_tokens, seed=req.seed)
             if req.top_p < 1.0:
@@ -53,14 +54,23 @@ class OpenAIChatLLM(LLM):
             except openai.APITimeoutError:
                 raise BackendError(f"{self.label}: request timed out after retries") from None
             except openai.APIConnectionError as e:
-                raise BackendError(f"{self.label}: cannot connect to {self.identity()['base_url']} ({e.__class__.__name__})") from None
+                cause = f": {type(e.__cause__).__name__}" if e.__cause__ is not None else ""
+                raise BackendError(f"{self.label}: cannot connect to {self.identity()['base_url']} "
+                                   f"({e.__class__.__name__}{cause})") from None
             except openai.APIStatusError as e:
                 raise BackendError(f"{self.label}: HTTP {e.status_code} from the server: "
                                    f"{_short(e, getattr(self.client, 'api_key', None))}") from None
-            except (openai.OpenAIError, ValueError) as e:  # e.g. a 200 reply whose body is not JSON
-                raise BackendError(f"{self.label}: unusable reply from the server ({type(e).__name__})") from None
-            choices = getattr(resp, "choices", None) or []
-            texts.extend((c.message.content or "").strip() for c in choices if c.message is not None)
+            except (openai.OpenAIError, ValueError) as e:  # e.g. a 200 reply whose body is cut short: ask again
+                problem = f"unusable reply from the server ({type(e).__name__})"
+                continue
+            if isinstance(resp, (str, bytes)):  # a 200 reply that is not JSON (a proxy's HTML page): ask again
+                problem = "unusable reply from the server (not JSON)"
+                continue
+            try:  # a 200 JSON reply need not be a chat completion (another API's JSON)
+                choices = getattr(resp, "choices", None) or []
+                texts.extend((c.message.content or "").strip() for c in choices if c.message is not None)
+            except (AttributeError, TypeError):
+                problem = "unusable reply from the server (not a chat completion)"
         return texts[: req.n]
 
     def generate(self, requests: list[GenRequest]) -> list[list[str]]:
