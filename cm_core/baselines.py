@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from .embeddings import get_embedder
-from .methods import Method, Prediction, softmax
+from .methods import Method, Prediction, draw, softmax
 
 
 def _restricted(probs: dict[str, float], cands: Sequence[str]) -> Prediction:
@@ -57,7 +57,50 @@ class LabelSimilarity(EmbeddingMethod):
         return [dict(zip(self.labels, softmax(row, self.temperature).tolist())) for row in sims]
 
 
-class KNN(EmbeddingMethod):
+class TrainedEmbeddingMethod(EmbeddingMethod):
+    """A classifier fitted on the preference samples. Its answers on those same samples are what CM's bank is
+    estimated from, and a classifier answering its own training rows is near-perfect, which would make the bank
+    an identity. So answers on training rows are out-of-fold: each comes from a copy fitted without its fold."""
+
+    folds = 5
+
+    def _fit_xy(self, X, y):
+        raise NotImplementedError
+
+    def fit(self, samples):
+        samples = list(samples)
+        self.train_texts_ = [s.text for s in samples]
+        self.train_labels_ = [s.label for s in samples]
+        self._fit_xy(self.emb.encode(self.train_texts_), self.train_labels_)
+        return self
+
+    def sample(self, texts, temperature: float = 0.7, seed: int = 0):
+        index = {t: i for i, t in enumerate(getattr(self, "train_texts_", []))}
+        if not texts or not all(t in index for t in texts) or len(index) < 2 * self.folds:
+            return super().sample(texts, temperature, seed)
+        from sklearn.model_selection import KFold
+        X = self.emb.encode(self.train_texts_)
+        y = np.array(self.train_labels_, dtype=object)
+        oof: dict[int, dict[str, float]] = {}
+        for fit_idx, held in KFold(self.folds, shuffle=True, random_state=seed).split(X):
+            copy = self._clone()
+            copy._fit_xy(X[fit_idx], y[fit_idx].tolist())
+            for i, d in zip(held, copy._dists(X[held])):
+                oof[int(i)] = d
+        preds = [_restricted(oof[index[t]], self.labels) for t in texts]
+        return draw(texts, preds, temperature, seed)
+
+    def _clone(self) -> "TrainedEmbeddingMethod":
+        raise NotImplementedError
+
+    def _dists(self, X) -> list[dict[str, float]]:
+        raise NotImplementedError
+
+    def _probs(self, texts):
+        return self._dists(self.emb.encode(texts))
+
+
+class KNN(TrainedEmbeddingMethod):
     """k nearest preference samples by cosine, votes weighted by similarity (scikit-learn)."""
 
     name = "knn"
@@ -66,19 +109,20 @@ class KNN(EmbeddingMethod):
         super().__init__(labels, embedder)
         self.k = k
 
-    def fit(self, samples):
+    def _fit_xy(self, X, y):
         from sklearn.neighbors import KNeighborsClassifier
-        samples = list(samples)
-        self.model_ = KNeighborsClassifier(n_neighbors=min(self.k, len(samples)), metric="cosine", weights="distance")
-        self.model_.fit(self.emb.encode([s.text for s in samples]), [s.label for s in samples])
-        return self
+        self.model_ = KNeighborsClassifier(n_neighbors=min(self.k, len(y)), metric="cosine", weights="distance")
+        self.model_.fit(X, y)
 
-    def _probs(self, texts):
-        p = self.model_.predict_proba(self.emb.encode(texts))
+    def _clone(self):
+        return KNN(self.labels, self.embedder, self.k)
+
+    def _dists(self, X):
+        p = self.model_.predict_proba(X)
         return [dict(zip(self.model_.classes_, row.tolist())) for row in p]
 
 
-class LogReg(EmbeddingMethod):
+class LogReg(TrainedEmbeddingMethod):
     """Multinomial logistic regression on the embeddings (scikit-learn)."""
 
     name = "logreg"
@@ -87,18 +131,17 @@ class LogReg(EmbeddingMethod):
         super().__init__(labels, embedder)
         self.C = C
 
-    def fit(self, samples):
+    def _fit_xy(self, X, y):
         from sklearn.linear_model import LogisticRegression
-        samples = list(samples)
-        y = [s.label for s in samples]
-        X = self.emb.encode([s.text for s in samples])
         self.single_ = y[0] if len(set(y)) == 1 else None  # sklearn needs two classes
         if self.single_ is None:
             self.model_ = LogisticRegression(C=self.C, max_iter=2000).fit(X, y)
-        return self
 
-    def _probs(self, texts):
+    def _clone(self):
+        return LogReg(self.labels, self.embedder, self.C)
+
+    def _dists(self, X):
         if self.single_ is not None:
-            return [{self.single_: 1.0} for _ in texts]
-        p = self.model_.predict_proba(self.emb.encode(texts))
+            return [{self.single_: 1.0} for _ in range(len(X))]
+        p = self.model_.predict_proba(X)
         return [dict(zip(self.model_.classes_, row.tolist())) for row in p]

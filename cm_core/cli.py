@@ -28,17 +28,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list-labels", action="store_true",
                    help="show all candidate labels in the prompt (the paper's prompt; slower on CPU)")
     p.add_argument("--seed", type=int, default=40)
+    p.add_argument("--concurrency", type=int, default=8,
+                   help="requests in flight at once (openai backends; e.g. 64 against a vLLM server)")
     p.add_argument("--text-column", default=None)
     p.add_argument("--label-column", default=None)
     p.add_argument("-v", "--verbose", action="store_true")
 
 
 def _decoding(a) -> Decoding:
-    return Decoding(mode=a.decoding, calibrate=not a.no_calibrate, list_labels=a.list_labels, seed=a.seed)
+    # a batch is what one backend call sees: at least as many requests as may be in flight
+    return Decoding(mode=a.decoding, calibrate=not a.no_calibrate, list_labels=a.list_labels, seed=a.seed,
+                    batch_size=max(8, a.concurrency))
 
 
 def _backend(a):
-    return make_backend(a.model, cache_dir=a.cache_dir, use_cache=not a.no_cache, base_url=a.base_url)
+    kw = {"concurrency": a.concurrency} if a.model.startswith("openai:") else {}
+    return make_backend(a.model, cache_dir=a.cache_dir, use_cache=not a.no_cache, base_url=a.base_url, **kw)
 
 
 def _dataset(a, path_or_name: str):
@@ -175,6 +180,8 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        if a.concurrency < 1:
+            raise CMError(f"--concurrency must be at least 1, got {a.concurrency}")
         a.func(a)
     except CMError as e:
         print(f"error: {e}", file=sys.stderr)

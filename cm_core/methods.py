@@ -89,17 +89,25 @@ class Method(ABC):
 
     def sample(self, texts: Sequence[str], temperature: float = 0.7, seed: int = 0) -> list[str]:
         """One answer per text drawn at ``temperature`` from p(ŷ|x); argmax at temperature 0."""
-        out = []
-        for text, pred in zip(texts, self.predict(texts)):
-            if temperature <= 0 or not pred.probs:
-                out.append(pred.label)
-                continue
-            labs = list(pred.probs)
-            p = np.array([pred.probs[l] for l in labs], dtype=float) ** (1.0 / temperature)
-            p = p / p.sum()
-            rng = np.random.default_rng(_stable_seed(text, seed))
-            out.append(labs[int(rng.choice(len(labs), p=p))])
-        return out
+        return draw(texts, self.predict(texts), temperature, seed)
+
+
+def draw(texts: Sequence[str], preds: Sequence[Prediction], temperature: float, seed: int) -> list[str]:
+    """Sample one label per prediction from its distribution sharpened by ``temperature`` (seeded per text)."""
+    out = []
+    for text, pred in zip(texts, preds):
+        if temperature <= 0 or not pred.probs:
+            out.append(pred.label)
+            continue
+        labs = list(pred.probs)
+        p = np.array([pred.probs[l] for l in labs], dtype=float) ** (1.0 / temperature)
+        if not np.isfinite(p).all() or p.sum() <= 0:  # all-zero or overflowing: fall back to the argmax
+            out.append(pred.label)
+            continue
+        p = p / p.sum()
+        rng = np.random.default_rng(_stable_seed(text, seed))
+        out.append(labs[int(rng.choice(len(labs), p=p))])
+    return out
 
 
 # --------------------------------------------------------------------------- the LLM's label choice

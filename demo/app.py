@@ -16,6 +16,12 @@ Environment: CM_DEMO_CACHE_DIR (response cache; else CM_CACHE_DIR, else ~/.cache
 CM_DEMO_RESPONSE_CACHE=0 (keep no prompts/answers on disk),
 CM_DEMO_BACKEND (embedded|openai|hf), CM_DEMO_MODEL (model name for openai/hf), OPENAI_API_KEY,
 OPENAI_BASE_URL, GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, SPACE_ID (set by Hugging Face Spaces).
+
+Public deployments (SPACE_ID set, or CM_DEMO_PUBLIC=1) refuse what a visitor could abuse: loading Hugging Face
+models by id (downloads of GBs into memory shared by everyone; allow with CM_DEMO_ALLOW_HF=1, optionally limited to
+CM_DEMO_HF_MODELS=id1,id2) and base URLs that resolve to private, loopback or link-local addresses (the server's
+own network; allow with CM_DEMO_ALLOW_PRIVATE_URLS=1). Everywhere, the server's OPENAI_API_KEY is sent only to the
+server's own endpoint (OPENAI_BASE_URL or OpenAI), never to a base URL typed by a visitor.
 """
 from __future__ import annotations
 
@@ -307,6 +313,52 @@ def _spec(backend: str, model: str) -> str:
     return f"{backend}:{model}"
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_public() -> bool:
+    """Served to strangers: a Hugging Face Space (SPACE_ID) or CM_DEMO_PUBLIC=1."""
+    return bool(os.environ.get("SPACE_ID")) or _flag("CM_DEMO_PUBLIC")
+
+
+def check_hf_allowed(model: str) -> None:
+    if not is_public():
+        return
+    if not _flag("CM_DEMO_ALLOW_HF"):
+        raise UserError("This public demo does not load Hugging Face models by name (each one is gigabytes of "
+                        "download and memory shared by every visitor). Use the embedded model or an "
+                        "OpenAI-compatible API, or run the demo on your own machine: python demo/app.py")
+    allowed = [m.strip() for m in os.environ.get("CM_DEMO_HF_MODELS", "").split(",") if m.strip()]
+    if allowed and model not in allowed:
+        raise UserError(f"This demo serves only these Hugging Face models: {_esc(', '.join(allowed))}.")
+
+
+def check_base_url(url: str) -> None:
+    """A typed base URL must be http(s); on a public deployment it must not reach the server's own network."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+    if not re.match(r"^https?://", url):
+        raise UserError("The base URL must start with http:// or https://, e.g. http://127.0.0.1:8000/v1")
+    parts = urlsplit(url)
+    host = parts.hostname
+    if not host:
+        raise UserError("The base URL has no host name, e.g. https://api.example.com/v1")
+    if not is_public() or _flag("CM_DEMO_ALLOW_PRIVATE_URLS"):
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+    except (OSError, ValueError):
+        raise UserError(f"Cannot resolve the base URL's host {_esc(host)}.") from None
+    for a in addrs:
+        ip = ipaddress.ip_address(a.split("%")[0])
+        if not ip.is_global:  # private, loopback, link-local (cloud metadata), reserved, ...
+            raise UserError(f"This public demo does not connect to {_esc(host)}: it resolves to a private or "
+                            "local address. Run the demo on your own machine to use a local server.")
+
+
 def _shared_model(spec: str, persistent_cache: bool):
     key = (spec, str(cache_dir()), persistent_cache)
     with _BACKENDS_LOCK:  # first user waits while the model loads; later ones get the same handle
@@ -330,11 +382,16 @@ def backend_for(backend: str, model: str, base_url: str | None, api_key: str | N
     owned = None
     if spec.startswith("openai:"):
         base_url = (base_url or "").strip() or None
-        if base_url and not re.match(r"^https?://", base_url):
-            raise UserError("The base URL must start with http:// or https://, e.g. http://127.0.0.1:8000/v1")
+        api_key = (api_key or "").strip() or None
+        if base_url:
+            check_base_url(base_url)
+            if api_key is None:
+                api_key = "EMPTY"  # never send the server's own OPENAI_API_KEY to a URL a visitor typed
         llm = owned = make_backend(spec, cache_dir=cache_dir(), use_cache=persistent, base_url=base_url,
-                                   api_key=(api_key or "").strip() or None, max_retries=2, timeout=60.0)
+                                   api_key=api_key, max_retries=2, timeout=60.0)
     else:
+        if spec.startswith("hf:"):
+            check_hf_allowed(spec[3:])
         llm = _shared_model(spec, persistent)
     if not persistent:
         llm = CachedLLM(llm, ResponseCache(":memory:"))

@@ -67,6 +67,7 @@ class FakeOpenAIServer:
         self.auth_headers: list[str] = []
         self.fault_log: list[tuple[int, str]] = []  # (request index, fault) for every fault injected
         self.completed = 0  # replies fully sent
+        self.in_flight = self.max_in_flight = 0  # requests being handled at once (client concurrency)
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -83,6 +84,16 @@ class FakeOpenAIServer:
                 pass
 
             def do_POST(self):
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._post()
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+
+            def _post(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 try:

@@ -355,3 +355,53 @@ def test_response_cache_can_stay_in_memory(monkeypatch, tmp_path):
     monkeypatch.setenv("CM_DEMO_RESPONSE_CACHE", "1")
     with app.backend_for("openai", "m", "http://127.0.0.1:9/v1", "sk-unused-123456") as llm:
         assert llm.cache.path == tmp_path / "responses.sqlite"
+
+
+# --------------------------------------------------------------------------- public deployment guards
+
+def test_server_key_never_sent_to_a_visitors_base_url(monkeypatch, fake_openai):
+    """The Space owner's OPENAI_API_KEY must not leak to a URL typed into the page (the visitor's own server)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-OWNER-secret-987654321")
+    monkeypatch.setenv("CM_DEMO_RESPONSE_CACHE", "0")
+    server = fake_openai({"q": "fix-it"})
+    from cm_core.backends.base import GenRequest
+    with app.backend_for("openai", "fake-model", server.base_url, "") as llm:
+        assert llm.generate([GenRequest.of([{"role": "user", "content": "q"}])]) == [["fix-it"]]
+    assert server.auth_headers and all("OWNER" not in h for h in server.auth_headers)
+
+
+@pytest.mark.parametrize("url_", ["http://127.0.0.1:8000/v1", "http://localhost/v1", "http://10.1.2.3/v1",
+                                  "http://169.254.169.254/latest", "http://[::1]:8000/v1", "http://192.168.0.7/v1"])
+def test_public_demo_refuses_private_base_urls(monkeypatch, url_):
+    monkeypatch.setenv("SPACE_ID", "someone/cm-demo")
+    with pytest.raises(app.UserError, match="private or local"):
+        app.check_base_url(url_)
+    monkeypatch.setenv("CM_DEMO_ALLOW_PRIVATE_URLS", "1")  # the owner can allow it
+    app.check_base_url(url_)
+
+
+def test_local_demo_allows_local_servers_and_checks_scheme(monkeypatch):
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("CM_DEMO_PUBLIC", raising=False)
+    app.check_base_url("http://127.0.0.1:8000/v1")  # vLLM / Ollama on your own machine
+    with pytest.raises(app.UserError, match="http:// or https://"):
+        app.check_base_url("file:///etc/passwd")
+    with pytest.raises(app.UserError, match="no host"):
+        app.check_base_url("http:///v1")
+
+
+def test_public_demo_loads_hf_models_only_when_allowed(monkeypatch):
+    monkeypatch.setenv("CM_DEMO_PUBLIC", "1")
+    monkeypatch.delenv("CM_DEMO_ALLOW_HF", raising=False)
+    with pytest.raises(app.UserError, match="does not load Hugging Face models"):
+        with app.backend_for("hf", "some/huge-model", "", ""):
+            pass
+    monkeypatch.setenv("CM_DEMO_ALLOW_HF", "1")
+    monkeypatch.setenv("CM_DEMO_HF_MODELS", "HuggingFaceTB/SmolLM2-360M-Instruct")
+    with pytest.raises(app.UserError, match="only these"):
+        app.check_hf_allowed("some/huge-model")
+    app.check_hf_allowed("HuggingFaceTB/SmolLM2-360M-Instruct")
+    monkeypatch.delenv("CM_DEMO_PUBLIC")
+    monkeypatch.delenv("CM_DEMO_HF_MODELS")
+    monkeypatch.delenv("CM_DEMO_ALLOW_HF")
+    app.check_hf_allowed("any/model")  # on your own machine, anything goes

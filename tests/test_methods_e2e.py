@@ -142,6 +142,33 @@ def test_trie_scoring_equals_naive_scoring(embedded_raw):
     assert max(s.logprob for s in slow) - min(s.logprob for s in slow) > 0.5
 
 
+@pytest.mark.slow
+def test_batched_scoring_equals_one_query_at_a_time(embedded_raw):
+    # prompts of different lengths (left padding) and tries of different sizes (right padding) in one pass
+    reqs = [
+        ScoreRequest.of(prompts.zero_shot("hi", ["greeting", "goodbye"]), ["greeting", "goodbye"]),
+        ScoreRequest.of(prompts.zero_shot("my card was charged twice for the same coffee, please refund it",
+                                          ["card payment", "card payment fee charged", "refund", "top up"]),
+                        ["card payment", "card payment fee charged", "refund", "top up"]),
+        ScoreRequest.of(prompts.zero_shot("what's the weather", ["weather"]), ["weather"]),
+    ]
+    old = embedded_raw.score_batch_size
+    try:
+        embedded_raw.score_batch_size = 3
+        batched = embedded_raw.score(reqs)
+        embedded_raw.score_batch_size = 1
+        single = embedded_raw.score(reqs)
+    finally:
+        embedded_raw.score_batch_size = old
+    for req, bs, ss in zip(reqs, batched, single):
+        naive = embedded_raw.naive_score(req)
+        for b, s, n in zip(bs, ss, naive):
+            assert b.n_tokens == s.n_tokens == n.n_tokens
+            assert b.logprob == pytest.approx(s.logprob, abs=1e-3)
+            assert b.logprob == pytest.approx(n.logprob, abs=1e-3)
+        assert len({round(n.logprob, 2) for n in naive}) == len(naive)  # distinct values, not constants
+
+
 def _slang_dataset() -> Dataset:
     """massive_scenario rows of the six labels, gold renamed to the user's slang. The candidate label set the
     model is shown stays the original names (what a small model understands): the user's wording is exactly

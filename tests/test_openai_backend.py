@@ -49,6 +49,29 @@ def test_generate_returns_n_texts_in_request_order(fake_openai):
     assert last["top_p"] == 0.9 and last["max_tokens"] == 7 and last["seed"] == 3 and last["n"] == 1
 
 
+def test_concurrency_is_bounded_and_used(fake_openai):
+    server = fake_openai({f"query {i}": f"answer {i}" for i in range(12)}, delay=0.2)
+    llm = _llm(server, concurrency=4)
+    out = llm.generate([_req(f"query {i}") for i in range(12)])
+    assert out == [[f"answer {i}"] for i in range(12)]
+    assert server.max_in_flight == 4  # requests overlap, never more than the bound
+    llm.close()
+    with pytest.raises(BackendError, match="closed"):
+        llm.generate([_req("query 1")])
+
+
+def test_generate_works_inside_a_running_event_loop(fake_openai):
+    # Jupyter kernels and Gradio run an event loop in the caller's thread; the backend has its own loop thread
+    import asyncio
+    server = fake_openai({"query 1": "answer 1"})
+    llm = _llm(server)
+
+    async def cell():
+        return llm.generate([_req("query 1")])
+
+    assert asyncio.run(cell()) == [["answer 1"]]
+
+
 def test_server_returning_fewer_choices_is_topped_up(fake_openai):
     server = fake_openai({"q": "tunes"}, max_choices=1)
     assert _llm(server).generate([_req("q", n=3)]) == [["tunes"] * 3]

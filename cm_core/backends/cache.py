@@ -64,11 +64,13 @@ class ResponseCache:
 class CachedLLM(LLM):
     """Wraps a backend; methods see an ordinary LLM. Misses are computed in chunks and saved per chunk."""
 
-    def __init__(self, inner: LLM, cache: ResponseCache | str | Path, chunk_size: int = 8):
+    def __init__(self, inner: LLM, cache: ResponseCache | str | Path, chunk_size: int | None = None):
         super().__init__(inner.model)
         self.inner = inner
         self.cache = cache if isinstance(cache, ResponseCache) else ResponseCache(cache)
-        self.chunk_size = chunk_size
+        # a chunk is saved as soon as it is done (resume loses at most one chunk) and is sent to the backend at
+        # once, so it must be at least as large as the backend's concurrency
+        self.chunk_size = chunk_size or max(8, getattr(inner, "concurrency", 8))
         self.kind = inner.kind
         self.supports_scores = inner.supports_scores
         self.stats = inner.stats

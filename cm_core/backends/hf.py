@@ -31,13 +31,15 @@ class TransformersLLM(LLM):
     kind = "hf"
 
     def __init__(self, model_id: str, *, device: str | None = None, dtype: str | None = None,
-                 revision: str | None = None, model=None, tokenizer=None):
+                 revision: str | None = None, model=None, tokenizer=None, score_batch_size: int | None = None):
         super().__init__(model_id)
         torch = _torch()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype_name = dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
         self.revision = revision
         self._lock = threading.Lock()  # one forward pass at a time per model (demo sessions share it)
+        # Queries scored per forward pass: batching pays on a GPU; on a CPU the matmuls are already large.
+        self.score_batch_size = score_batch_size or (8 if self.device.startswith("cuda") else 1)
         if model is None:
             model, tokenizer = self._load(model_id)
         self.model_obj, self.tok = model, tokenizer
@@ -92,53 +94,87 @@ class TransformersLLM(LLM):
     # ------------------------------------------------------------------ scoring
     def score(self, requests: list[ScoreRequest]) -> list[list[CandidateScore]]:
         self.stats.score_calls += len(requests)
+        bs = max(1, self.score_batch_size)
         with self._lock:
-            return [self._score_one(r) for r in requests]
+            out: list[list[CandidateScore]] = []
+            for i in range(0, len(requests), bs):
+                out.extend(self._score_batch(requests[i:i + bs]))
+            return out
 
-    def _score_one(self, req: ScoreRequest) -> list[CandidateScore]:
-        """One prefill of the prompt, then every candidate token from a prefix trie in a single pass.
-
-        Candidates sharing a prefix share its computation; a 4-D attention mask lets each trie node see the
-        prompt and its own ancestors only, with positions continuing the prompt's, so the result equals scoring
-        prompt+candidate separately (tested against ``naive_score``).
-        """
-        torch = _torch()
-        prompt = self._prompt_ids(req.messages)
-        cands = [self._candidate_ids(c) for c in req.candidates]
-        dev = self._dev
+    @staticmethod
+    def _trie(cands: list[list[int]]):
+        """Every candidate token except each one's last (which is predicted, never fed), shared by prefix."""
         node_of: dict[tuple, int] = {}
         tokens, parents, depths = [], [], []
         for c in cands:
-            for j in range(len(c) - 1):  # the last token (end of turn) is predicted, never fed
+            for j in range(len(c) - 1):
                 key = tuple(c[: j + 1])
                 if key not in node_of:
                     node_of[key] = len(tokens)
                     tokens.append(c[j])
                     parents.append(node_of[key[:-1]] if j else -1)
                     depths.append(j)
-        P, N = len(prompt), len(tokens)
-        with torch.inference_mode():
-            out = self.model_obj(torch.tensor([prompt], device=dev), use_cache=True, logits_to_keep=1)
-            first_lp = torch.log_softmax(out.logits[0, -1].float(), -1)
-            node_lp = None
+        return node_of, tokens, parents, depths
+
+    def _score_batch(self, reqs: list[ScoreRequest]) -> list[list[CandidateScore]]:
+        """All candidates of several queries in ONE forward pass.
+
+        Row layout: ``[left padding][prompt][candidate-token trie][right padding]``. A 4-D attention mask makes
+        prompt tokens causal, each trie node see the prompt and its own ancestors only (positions continuing the
+        prompt's), and padding see itself. Candidates sharing a prefix share its computation, and the logits
+        needed (last prompt token + every trie node) are the last ``Nmax+1`` positions of every row, so
+        ``logits_to_keep`` avoids computing the rest. Equal to ``naive_score`` within float tolerance (tested).
+        """
+        torch = _torch()
+        dev = self._dev
+        prompts = [self._prompt_ids(r.messages) for r in reqs]
+        cands = [[self._candidate_ids(c) for c in r.candidates] for r in reqs]
+        tries = [self._trie(c) for c in cands]
+        B = len(reqs)
+        Pm = max(len(p) for p in prompts)
+        Nm = max(len(t[1]) for t in tries)
+        L = Pm + Nm
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        ids = torch.full((B, L), pad, dtype=torch.long)
+        pos = torch.zeros((B, L), dtype=torch.long)
+        allowed = torch.zeros((B, L, L), dtype=torch.bool)
+        allowed[:, torch.arange(L), torch.arange(L)] = True  # padding attends to itself (no empty rows)
+        causal = torch.ones((Pm, Pm), dtype=torch.bool).tril()
+        for b, (prompt, (_, tokens, parents, depths)) in enumerate(zip(prompts, tries)):
+            P, N, s = len(prompt), len(tokens), Pm - len(prompt)
+            ids[b, s:Pm] = torch.tensor(prompt)
+            pos[b, s:Pm] = torch.arange(P)
+            allowed[b, s:Pm, s:Pm] = causal[:P, :P]
             if N:
-                allowed = torch.zeros((N, P + N), dtype=torch.bool, device=dev)
-                allowed[:, :P] = True
+                ids[b, Pm:Pm + N] = torch.tensor(tokens)
+                pos[b, Pm:Pm + N] = torch.tensor(depths) + P
+                allowed[b, Pm:Pm + N, s:Pm] = True
                 for k in range(N):
                     a = k
                     while a != -1:
-                        allowed[k, P + a] = True
+                        allowed[b, Pm + k, Pm + a] = True
                         a = parents[a]
-                pos = torch.tensor([[P + d for d in depths]], device=dev)
-                node_out = self.model_obj(torch.tensor([tokens], device=dev), cache=out.cache,
-                                          attention_mask=allowed[None, None], position_ids=pos, use_cache=True)
-                node_lp = torch.log_softmax(node_out.logits[0].float(), -1)
-        results = []
-        for c in cands:
-            total = float(first_lp[c[0]])
-            for j in range(1, len(c)):
-                total += float(node_lp[node_of[tuple(c[:j])], c[j]])
-            results.append(CandidateScore(total, len(c)))
+        with torch.inference_mode():
+            out = self.model_obj(ids.to(dev), attention_mask=allowed[:, None].to(dev), position_ids=pos.to(dev),
+                                 use_cache=False, logits_to_keep=Nm + 1)
+            lp = torch.log_softmax(out.logits.float(), -1)  # [B, Nm+1, V]: 0 = after prompt, 1+k = trie node k
+            # Gather only the (row, position, token) values the candidates need; sum them per candidate.
+            bi, pi, ti, owner, lengths = [], [], [], [], []
+            for b, (cs, (node_of, *_)) in enumerate(zip(cands, tries)):
+                for c in cs:
+                    for j, t in enumerate(c):
+                        bi.append(b)
+                        pi.append(1 + node_of[tuple(c[:j])] if j else 0)
+                        ti.append(t)
+                        owner.append(len(lengths))
+                    lengths.append(len(c))
+            vals = lp[torch.tensor(bi, device=dev), torch.tensor(pi, device=dev), torch.tensor(ti, device=dev)]
+            totals = torch.zeros(len(lengths), dtype=torch.float64).index_add_(
+                0, torch.tensor(owner), vals.double().cpu()).tolist()
+        results, k = [], 0
+        for cs in cands:
+            results.append([CandidateScore(totals[k + i], len(c)) for i, c in enumerate(cs)])
+            k += len(cs)
         return results
 
     def naive_score(self, req: ScoreRequest) -> list[CandidateScore]:

@@ -1,14 +1,17 @@
 """OpenAI chat models and any OpenAI-compatible server (vLLM, Ollama, llama.cpp server) via ``base_url``.
 
 The key comes from the environment (``OPENAI_API_KEY``) or the caller (the demo's key field); it is held by the
-client only, never part of the identity, the cache key, a log line or an exception message. Requests run in a
-bounded thread pool; the ``openai`` client retries 429/5xx/timeouts with exponential back-off.
+client only, never part of the identity, the cache key, a log line or an exception message. Requests are sent
+with ``AsyncOpenAI`` under a semaphore (bounded concurrency) on the backend's own event-loop thread, so callers stay
+synchronous and it works the same inside Jupyter or Gradio, whose threads may already run a loop; the ``openai``
+client retries 429/5xx/timeouts with exponential back-off (and honours Retry-After).
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import Any
 
 from ..errors import BackendError
@@ -22,7 +25,7 @@ class OpenAIChatLLM(LLM):
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
                  timeout: float = 60.0, max_retries: int = 4, concurrency: int = 8, client=None):
         super().__init__(model)
-        from openai import OpenAI
+        from openai import AsyncOpenAI
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         key = api_key or os.environ.get("OPENAI_API_KEY")
         if not key:
@@ -31,12 +34,18 @@ class OpenAIChatLLM(LLM):
             else:
                 raise BackendError("no API key: set OPENAI_API_KEY in the environment (or enter it in the demo)")
         self.concurrency = max(1, concurrency)
-        self.client = client or OpenAI(api_key=key, base_url=self.base_url, timeout=timeout, max_retries=max_retries)
+        self._loop = _LoopThread()
+        self.client = client or AsyncOpenAI(api_key=key, base_url=self.base_url, timeout=timeout,
+                                            max_retries=max_retries)
 
     def identity(self) -> dict[str, Any]:
         return {"kind": self.kind, "model": self.model, "base_url": self.base_url or "https://api.openai.com/v1"}
 
-    def _one(self, req: GenRequest) -> list[str]:
+    async def _one(self, req: GenRequest, gate: asyncio.Semaphore) -> list[str]:
+        async with gate:
+            return await self._ask(req)
+
+    async def _ask(self, req: GenRequest) -> list[str]:
         import openai
         texts: list[str] = []
         attempts = 0
@@ -50,7 +59,7 @@ class OpenAIChatLLM(LLM):
             if req.top_p < 1.0:
                 kw["top_p"] = req.top_p
             try:
-                resp = self.client.chat.completions.create(**kw)
+                resp = await self.client.chat.completions.create(**kw)
             except openai.APITimeoutError:
                 raise BackendError(f"{self.label}: request timed out after retries") from None
             except openai.APIConnectionError as e:
@@ -75,16 +84,48 @@ class OpenAIChatLLM(LLM):
 
     def generate(self, requests: list[GenRequest]) -> list[list[str]]:
         self.stats.generate_calls += len(requests)
-        if len(requests) == 1 or self.concurrency == 1:
-            return [self._one(r) for r in requests]
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(self._one, requests))
+
+        async def run_all():
+            gate = asyncio.Semaphore(self.concurrency)  # created inside the loop it guards
+            tasks = [asyncio.ensure_future(self._one(r, gate)) for r in requests]
+            try:
+                return await asyncio.gather(*tasks)
+            except BaseException:
+                for t in tasks:  # one request failed for good: stop sending the others
+                    t.cancel()
+                raise
+
+        return list(self._loop.run(run_all()))
 
     def close(self) -> None:
         try:
-            self.client.close()
+            self._loop.run(self.client.close())
         except Exception:
             pass
+        self._loop.stop()
+
+
+class _LoopThread:
+    """A private event loop on a daemon thread: the async client's connections stay bound to one loop, and
+    ``run`` works from any thread, including one that already runs its own loop (Jupyter, Gradio)."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="cm-openai-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro):
+        if self.loop.is_closed() or not self.thread.is_alive():
+            coro.close()
+            raise BackendError("this OpenAI backend was closed")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=5)
+        if not self.thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
 
 
 _KEYLIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-*.]{6,}|Bearer\s+\S+)", re.I)

@@ -1,0 +1,43 @@
+"""Classifier baselines fitted on the preference samples, and the bank CM estimates on top of them."""
+from __future__ import annotations
+
+import pytest
+
+from cm_core.baselines import KNN, LabelSimilarity, LogReg
+from cm_core.cm import CM
+from cm_core.data import load_dataset, split_dataset
+from cm_core.evaluate import accuracy
+
+
+@pytest.fixture(scope="module")
+def split():
+    return split_dataset(load_dataset("massive_scenario"), pref_count=120, n_test=60, seed=40)
+
+
+@pytest.mark.parametrize("make", [lambda labels: KNN(labels, k=1), lambda labels: LogReg(labels)])
+def test_answers_on_own_training_rows_are_out_of_fold(split, make):
+    labels = split.preference.labels
+    m = make(labels).fit(split.preference.examples)
+    texts, gold = split.preference.texts, split.preference.targets
+    in_sample = accuracy(gold, [p.label for p in m.predict(texts)])
+    oof = accuracy(gold, m.sample(texts, temperature=0.0, seed=0))
+    assert in_sample >= 0.97  # a classifier (1-NN exactly) answering its own training rows
+    assert oof < in_sample - 0.1  # what CM's bank must see instead: answers on unseen rows
+    assert oof > 0.3  # still a real classifier, not noise
+    # queries that are not training rows are answered by the model fitted on everything
+    assert m.sample(split.test.texts[:5], 0.0) == [p.label for p in m.predict(split.test.texts[:5])]
+
+
+def test_cm_bank_on_knn_is_not_an_identity(split):
+    labels = sorted({e.label for e in split.preference.examples} | {e.label for e in split.test.examples})
+    cm = CM(KNN(labels, k=1), temperature=0.0, seed=0).fit(split.preference.examples)
+    stats = cm.bank_.stats()
+    assert stats["agreement"] < 0.97  # off-diagonal entries exist: the bank has something to correct
+    assert cm.bank_.meta["n_samples"] == 120
+
+
+def test_label_similarity_needs_no_samples(split):
+    labels = sorted({e.label for e in split.test.examples})
+    preds = LabelSimilarity(labels).predict(split.test.texts)
+    assert all(p.label in labels and abs(sum(p.probs.values()) - 1) < 1e-6 for p in preds)
+    assert accuracy(split.test.targets, [p.label for p in preds]) > 1.5 / len(labels)  # above chance
