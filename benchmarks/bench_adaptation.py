@@ -1,7 +1,7 @@
 """Per-user adaptation: CM (memory bank estimation, no training) vs a LoRA fine-tune (peft) of the same embedded
 model on the same preference samples for a fixed small budget; wall time of each and the accuracy each reaches.
 
-    python benchmarks/bench_adaptation.py --dataset banking77 --pref-fraction 0.05 --n-test 100 --epochs 1
+    python -m benchmarks.bench_adaptation --dataset banking77 --pref-fraction 0.05 --n-test 100 --epochs 1
 """
 from __future__ import annotations
 

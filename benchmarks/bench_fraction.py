@@ -1,7 +1,7 @@
 """Accuracy against preference fraction (0.01, 0.02, 0.05) for an LLM+CM variant, logistic regression and kNN,
 with the time each takes to adapt to a new user (fit on that user's preference samples, cold caches).
 
-    python benchmarks/bench_fraction.py --datasets clinc,banking77 --n-test 200
+    python -m benchmarks.bench_fraction --datasets clinc,banking77 --n-test 200
 Writes benchmarks/results/fraction.json and benchmarks/results/fraction.png.
 """
 from __future__ import annotations

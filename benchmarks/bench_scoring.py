@@ -1,7 +1,7 @@
 """Optimized (one prefill + one pass over the label trie) vs naive (one forward pass per label) candidate scoring.
 
 Measured side by side in one run on this machine with the embedded model; prints the ratio and writes JSON.
-    python benchmarks/bench_scoring.py --queries 3 --output benchmarks/results/scoring.json
+    python -m benchmarks.bench_scoring --queries 3 --output benchmarks/results/scoring.json
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Queries per second of a base method vs the same method +CM (hard and soft), measured in one run with no
 response cache, and how often CM needs its second LLM call (several bank candidates) per dataset.
 
-    python benchmarks/bench_throughput.py --datasets banking77,clinc --n-test 20
+    python -m benchmarks.bench_throughput --datasets banking77,clinc --n-test 20
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from .backends import DEFAULT_CACHE_DIR, make_backend
 from .bank import MemoryBank
 from .cm import CM
 from .data import load_dataset, load_file, split_dataset
-from .errors import CMError
+from .errors import CMError, run_command
 from .evaluate import run_evaluation
 from .methods import Decoding
 from .registry import ALL_METHODS, CM_VARIANTS, build_chooser, build_method, split_method_name
@@ -179,15 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
+
+    def body():
         if a.concurrency < 1:
             raise CMError(f"--concurrency must be at least 1, got {a.concurrency}")
         a.func(a)
-    except CMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished LLM calls are in the response cache; re-run the same command to resume",
-              file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(body)

@@ -26,3 +26,18 @@ class BankError(DataError):
 
 class BackendError(CMError, RuntimeError):
     """An LLM backend failed (network, HTTP status, timeout, unusable reply) after its retries."""
+
+
+def run_command(body) -> int:
+    """Run a command-line entry point: a CMError becomes one ``error:`` line and exit status 2 (no traceback), and
+    Ctrl-C says how to resume, since finished LLM calls are already in the response cache."""
+    import sys
+    try:
+        return body() or 0
+    except CMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished LLM calls are in the response cache; re-run the same command to resume",
+              file=sys.stderr)
+        return 130

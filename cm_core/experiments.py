@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from .errors import CMError
+from .errors import CMError, run_command
 
 NOTEBOOKS = ("evaluate", "bank")
 DEFAULT_METHODS = ["zero_shot", "zero_shot+cm_paper", "zero_shot+cm_soft", "label_similarity",
@@ -636,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         grid = load_grid(a.grid)
         if a.list:
             for c in expand_grid(grid):
@@ -646,17 +647,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = run_grid(grid, a.out, cache_dir=a.cache_dir, timeout=a.timeout, kernel=a.kernel,
                            notebooks_dir=a.notebooks, force=a.force, only=a.only, threads=a.threads, jobs=a.jobs,
                            grid_source=a.grid)
-    except CMError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished LLM calls are in the response cache; re-run the same command to resume",
-              file=sys.stderr)
-        return 130
-    failed = [r for r in records if r["status"] != "ok"]
-    for r in failed:
-        print(f"FAILED {r['id']}: {r['error']}", file=sys.stderr)
-    return 1 if failed else 0
+        failed = [r for r in records if r["status"] != "ok"]
+        for r in failed:
+            print(f"FAILED {r['id']}: {r['error']}", file=sys.stderr)
+        return 1 if failed else 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

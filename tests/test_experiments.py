@@ -60,7 +60,7 @@ def test_grid_files_parse_and_expand():
     assert emb["cache_dir"] == ".cm_cache" and emb["models"] == ["embedded"]
     assert {"zero_shot", "zero_shot+cm_paper", "zero_shot+cm_soft", "label_similarity", "label_similarity+cm", "knn",
             "logreg"} <= set(emb["methods"])
-    assert cells[0]["id"] == "embedded_banking77_0.05"
+    assert cells[0]["id"] == "embedded_clinc_0.05"
 
     frac = experiments.expand_grid(experiments.load_grid(GRIDS / "fractions.json"))
     assert {c["params"]["pref_fraction"] for c in frac} == {0.01, 0.02, 0.05}
