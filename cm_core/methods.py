@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import re
 import zlib
@@ -154,7 +155,8 @@ class LLMChooser:
         preds: list[Prediction] = []
         bs = self.dec.batch_size
         it = range(0, len(messages), bs)
-        for start in tqdm(it, desc=desc or f"{mode}", disable=len(messages) <= bs, leave=False):
+        quiet = len(messages) <= bs or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")  # report runs
+        for start in tqdm(it, desc=desc or f"{mode}", disable=quiet, leave=False):
             msgs, cands = messages[start:start + bs], candidates[start:start + bs]
             if mode == "score":
                 calib = calib_messages[start:start + bs] if calib_messages and self.dec.calibrate else None

@@ -117,6 +117,13 @@ def test_evaluate_zero_shot_against_an_openai_compatible_server(tiny, tmp_path, 
     assert res["config"]["model"]["model"] == "oracle"
     assert res["results"]["zero_shot"]["accuracy"] == 1.0 and res["results"]["zero_shot+cm"]["accuracy"] == 1.0
     assert server.requests and all(b["model"] == "oracle" for b in server.requests)
+    # --concurrency reaches the backend: with a slow server, 16 requests overlap up to the bound
+    slow = fake_openai(lambda query, listed: gold[query], delay=0.2)
+    r = _run(["evaluate", "--dataset", str(tiny), "--model", "openai:oracle", "--base-url", slow.base_url,
+              "--methods", "zero_shot", "--n-test", "12", "--pref-count", "8", "--concurrency", "16", "--no-cache",
+              "--output", str(tmp_path / "res2.json")], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert 8 < slow.max_in_flight <= 16
 
 
 def _assert_one_line_error(rc, stdout, stderr, *needles):
@@ -151,6 +158,11 @@ def test_unknown_method(tiny, tmp_path, capsys):
     rc, so, se = _main(["predict", "--bank", str(bank), "--input", str(tiny), "--method", "zero_shot+cm_extra"],
                        capsys)
     _assert_one_line_error(rc, so, se, "unknown method 'zero_shot+cm_extra'")
+
+
+def test_bad_concurrency(tiny, capsys):
+    rc, so, se = _main(["evaluate", "--dataset", str(tiny), "--concurrency", "0"], capsys)
+    _assert_one_line_error(rc, so, se, "--concurrency must be at least 1")
 
 
 def test_missing_bank_file(tiny, tmp_path, capsys):
