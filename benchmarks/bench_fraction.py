@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--seed", type=int, default=40)
     ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of other datasets already in fraction.json (run datasets one at a time)")
     a = ap.parse_args()
     llm = make_backend("embedded")
     uncached = make_backend("embedded", use_cache=False)
@@ -59,6 +61,10 @@ def main() -> None:
                       f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] adapt={secs:.1f}s", flush=True)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if a.append and (out / "fraction.json").is_file():
+        done = {r["dataset"] for r in rows}
+        old = json.loads((out / "fraction.json").read_text())
+        rows = [r for r in old["rows"] if r["dataset"] not in done] + rows
     (out / "fraction.json").write_text(json.dumps({"model": llm.identity(), "seed": a.seed, "n_test": a.n_test,
                                                    "rows": rows}, indent=2))
     import matplotlib
