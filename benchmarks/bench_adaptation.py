@@ -68,7 +68,7 @@ def main() -> None:
     ds = load_dataset(a.dataset)
     split = split_dataset(ds, pref_fraction=a.pref_fraction, n_test=a.n_test, seed=a.seed)
     samples, test = split.preference.examples, split.test
-    dec = Decoding(seed=a.seed)
+    dec = Decoding(seed=a.seed, list_labels=False)
 
     fresh = make_backend("embedded", use_cache=False)
     t0 = time.perf_counter()

@@ -20,10 +20,16 @@ from cm_core.methods import Decoding
 from cm_core.registry import build_method
 
 
+def decoding(seed: int) -> Decoding:
+    """The CLI's and the report grid's defaults (labels scored as replies, not listed in the prompt), so the
+    answers at fraction 0.05 are those of the reports."""
+    return Decoding(seed=seed, list_labels=False)
+
+
 def adaptation_seconds(name: str, llm, labels, samples, seed: int) -> float:
     """Wall time of fitting on one user's samples with nothing cached (embeddings and LLM answers recomputed)."""
     get_embedder()._memo.clear()
-    base = build_method(name.split("+")[0], llm, labels, Decoding(seed=seed))
+    base = build_method(name.split("+")[0], llm, labels, decoding(seed))
     t0 = time.perf_counter()
     if "+cm" in name:
         CM(base, temperature=0.7, seed=seed).fit(samples)
@@ -50,7 +56,8 @@ def main() -> None:
     for dname in a.datasets.split(","):
         ds = load_dataset(dname)
         for frac in map(float, a.fractions.split(",")):
-            res = run_evaluation(ds, llm, methods, pref_fraction=frac, n_test=a.n_test, seed=a.seed)
+            res = run_evaluation(ds, llm, methods, pref_fraction=frac, n_test=a.n_test, seed=a.seed,
+                                 decoding=decoding(a.seed))
             samples = split_dataset(ds, pref_fraction=frac, n_test=a.n_test, seed=a.seed).preference.examples
             for m in methods:
                 r = res["results"][m]

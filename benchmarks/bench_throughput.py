@@ -32,7 +32,7 @@ def main() -> None:
     for dname in a.datasets.split(","):
         ds = load_dataset(dname)
         split = split_dataset(ds, pref_fraction=a.pref_fraction, n_test=a.n_test, seed=a.seed)
-        dec = Decoding(seed=a.seed)
+        dec = Decoding(seed=a.seed, list_labels=False)
         bank = CM(build_method(a.method, cached, ds.labels, dec), temperature=0.7, seed=a.seed) \
             .fit(split.preference.examples).bank_
         base = build_method(a.method, fresh, ds.labels, dec).fit(split.preference.examples)

