@@ -26,7 +26,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=40)
     ap.add_argument("--output", default="benchmarks/results/throughput.json")
     a = ap.parse_args()
-    cached = make_backend("embedded")  # only to estimate the bank (its cost is adaptation, not inference)
+    # only to estimate the bank (its cost is adaptation, not inference; run_all.sh has bench_adaptation fill the
+    # cache with the banking77 preference-sample answers first)
+    cached = make_backend("embedded")
     fresh = make_backend("embedded", use_cache=False)
     rows = []
     for dname in a.datasets.split(","):

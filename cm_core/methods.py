@@ -131,11 +131,14 @@ class Decoding:
 class LLMChooser:
     """Chooses among candidate labels for prepared prompts. Knows the backend; methods only build prompts."""
 
+    CALIB_MEMO_MAX = 4096  # distinct content-free requests kept (shortlists give one per candidate set)
+
     def __init__(self, llm: LLM, decoding: Decoding | None = None):
         self.llm = llm
         self.dec = decoding or Decoding()
         self._warned = False
         self.force_votes = False  # sampled self-consistency: k generations and their majority
+        self._calib_memo: dict[ScoreRequest, list] = {}  # content-free scores, one per (prompt, candidate set)
 
     @property
     def effective_mode(self) -> str:
@@ -168,7 +171,7 @@ class LLMChooser:
     def _score(self, msgs, cands, calib) -> list[Prediction]:
         reqs = [ScoreRequest.of(m, c) for m, c in zip(msgs, cands)]
         results = self.llm.score(reqs)
-        calib_results = self.llm.score([ScoreRequest.of(m, c) for m, c in zip(calib, cands)]) if calib else None
+        calib_results = self._calibration([ScoreRequest.of(m, c) for m, c in zip(calib, cands)]) if calib else None
         out = []
         for i, (c, res) in enumerate(zip(cands, results)):
             s = np.array([r.mean for r in res])
@@ -178,6 +181,19 @@ class LLMChooser:
             probs = {lab: float(x) for lab, x in zip(c, p)}
             out.append(Prediction(c[int(np.argmax(s))], probs, {"scores": [round(float(x), 4) for x in s]}))
         return out
+
+    def _calibration(self, reqs: list[ScoreRequest]) -> list:
+        """Content-free scores are the same for every query with the same candidates: score each distinct request
+        once per chooser (without this an uncached backend paid a second full scoring pass per query)."""
+        memo = self._calib_memo
+        got = {r: memo.get(r) for r in reqs}
+        todo = [r for r, v in got.items() if v is None]
+        if todo:
+            got.update(zip(todo, self.llm.score(todo)))
+            if len(memo) + len(todo) > self.CALIB_MEMO_MAX:
+                memo.clear()
+            memo.update((r, got[r]) for r in todo)
+        return [got[r] for r in reqs]
 
     def _generate(self, msgs, cands, votes: bool) -> list[Prediction]:
         d = self.dec

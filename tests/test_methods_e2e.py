@@ -83,6 +83,22 @@ def test_calibration_removes_the_label_prior():
     assert set(sub[0].probs) == {"tunes", "wake-up buzz"}
 
 
+def test_content_free_input_is_scored_once_per_candidate_set():
+    """Calibration must not double the cost of an uncached backend: one content-free request per distinct
+    (prompt, candidate set), across batches and predict calls, with the same answers as a fresh method."""
+    llm = BiasedScorer(GOLD)
+    method = ZeroShot(llm, LABELS, Decoding(calibrate=True, list_labels=False, batch_size=2))
+    first = method.predict(list(GOLD))
+    again = method.predict(list(GOLD)[:1], [["tunes", "wake-up buzz"]])
+    again += method.predict(list(GOLD), [["tunes", "wake-up buzz"], LABELS, LABELS])
+    content_free = [r for r in llm.requests if prompts.CONTENT_FREE in r.messages[-1][1]]
+    assert sorted(r.candidates for r in content_free) == sorted([("tunes", "wake-up buzz"), tuple(LABELS)])
+    assert len(llm.requests) == len(content_free) + 3 + 1 + 3
+    fresh = ZeroShot(BiasedScorer(GOLD), LABELS, Decoding(calibrate=True, list_labels=False))
+    assert [p.probs for p in first] == [p.probs for p in fresh.predict(list(GOLD))]
+    assert again[0].probs == again[1].probs and again[2].label == GOLD["wake me at six"]
+
+
 def test_score_mode_without_logprobs_votes_by_generation():
     llm = Voter(GOLD)
     method = ZeroShot(llm, LABELS, Decoding(mode="score", n_votes=5, list_labels=False))
