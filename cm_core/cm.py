@@ -35,6 +35,7 @@ class CM(Method):
             self.base.fit(samples)
         if self.bank is not None:  # a given (e.g. uploaded) bank is used as it is
             self.bank_ = self.bank
+            self._prepare_choices()
             return self
         answers = self.base.sample([s.text for s in samples], self.temperature, self.seed)
         meta = {"base_method": getattr(self.base, "name", "base"), "temperature": self.temperature,
@@ -43,7 +44,20 @@ class CM(Method):
         if llm is not None:
             meta["model"] = llm.identity()
         self.bank_ = MemoryBank.from_pairs(zip(answers, (s.label for s in samples)), meta)
+        self._prepare_choices()
         return self
+
+    def _prepare_choices(self) -> None:
+        """The hard form's second call chooses among one bank entry's candidates: let the chooser precompute what
+        depends on those sets alone (per-user adaptation work, not per-query work)."""
+        if self.form != "hard":
+            return
+        sets = []
+        for response in self.bank_.counts:
+            d = decide(response, self.bank_, self.single)
+            if d.action == "choose":
+                sets.append(list(d.candidates))
+        (self.chooser or self.base).prepare(sets)
 
     def predict(self, texts, candidates=None) -> list[Prediction]:
         if not hasattr(self, "bank_"):

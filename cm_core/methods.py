@@ -92,6 +92,10 @@ class Method(ABC):
         """One answer per text drawn at ``temperature`` from p(ŷ|x); argmax at temperature 0."""
         return draw(texts, self.predict(texts), temperature, seed)
 
+    def prepare(self, candidate_sets: Sequence[Sequence[str]]) -> None:
+        """Do now the work that depends only on candidate sets known in advance (CM's bank entries), so that a
+        query later pays only for its own prompt. Nothing to do by default."""
+
 
 def draw(texts: Sequence[str], preds: Sequence[Prediction], temperature: float, seed: int) -> list[str]:
     """Sample one label per prediction from its distribution sharpened by ``temperature`` (seeded per text)."""
@@ -267,6 +271,13 @@ class ZeroShot(LLMMethod):
 
     def _messages(self, text, cands):
         return prompts.zero_shot(text, self._shown(cands))
+
+    def prepare(self, candidate_sets):
+        """Score the content-free input for each candidate set up front: CM's second call then costs one scoring
+        pass per query instead of two (its calibration depends on the candidate set only)."""
+        if self.chooser.effective_mode == "score" and self.dec.calibrate and candidate_sets:
+            sets = [list(c) for c in candidate_sets]
+            self.chooser._calibration([ScoreRequest.of(self._messages(prompts.CONTENT_FREE, c), c) for c in sets])
 
 
 class Retriever:

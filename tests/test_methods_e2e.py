@@ -11,6 +11,8 @@ import pytest
 
 from cm_core import prompts
 from cm_core.backends.base import LLM, CandidateScore, ScoreRequest
+from cm_core.bank import MemoryBank
+from cm_core.cm import CM
 from cm_core.data import Dataset, Example, load_dataset
 from cm_core.evaluate import accuracy, bootstrap_ci, macro_f1, mcnemar_p, run_evaluation
 from cm_core.methods import Decoding, ZeroShot, clean_answer, match_label
@@ -97,6 +99,29 @@ def test_content_free_input_is_scored_once_per_candidate_set():
     fresh = ZeroShot(BiasedScorer(GOLD), LABELS, Decoding(calibrate=True, list_labels=False))
     assert [p.probs for p in first] == [p.probs for p in fresh.predict(list(GOLD))]
     assert again[0].probs == again[1].probs and again[2].label == GOLD["wake me at six"]
+
+
+def test_cm_prepares_its_choices_at_fit_time():
+    """The hard form's second call costs one scoring request per query: the content-free scores of every bank
+    entry with several candidates are computed when the bank is fitted (adaptation), not per query."""
+    llm = BiasedScorer(GOLD)
+    base = ZeroShot(llm, LABELS, Decoding(list_labels=False))
+    chooser = ZeroShot(llm, LABELS, Decoding(list_labels=True))
+    bank = MemoryBank.from_pairs([("sky report", "sky report"), ("sky report", "wake-up buzz"), ("tunes", "tunes")])
+    cm = CM(base, chooser, bank=bank).fit([], fit_base=False)
+    assert [r.candidates for r in llm.requests] == [("sky report", "wake-up buzz")]  # the one choice, content-free
+    assert prompts.CONTENT_FREE in llm.requests[0].messages[-1][1]
+    llm.requests.clear()
+    preds = cm.predict(["will it rain", "play jazz"])
+    assert [p.info["action"] for p in preds] == ["choose", "map"]
+    content_free = [r for r in llm.requests if prompts.CONTENT_FREE in r.messages[-1][1]]
+    assert [r.candidates for r in content_free] == [tuple(LABELS)]  # the base's own calibration only
+    assert len(llm.requests) == 2 + 1 + 1  # two base queries, base calibration, ONE second call
+    direct = ZeroShot(BiasedScorer(GOLD), LABELS, Decoding(list_labels=True)).predict(
+        ["will it rain"], [["sky report", "wake-up buzz"]])[0]
+    assert (preds[0].label, preds[0].probs) == (direct.label, direct.probs)
+    soft = CM(ZeroShot(BiasedScorer(GOLD), LABELS), form="soft", bank=bank).fit([], fit_base=False)
+    assert soft.base.llm.requests == []  # no second call in the soft form, so nothing to prepare
 
 
 def test_score_mode_without_logprobs_votes_by_generation():
