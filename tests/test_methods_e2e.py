@@ -210,6 +210,34 @@ def test_batched_scoring_equals_one_query_at_a_time(embedded_raw):
         assert len({round(n.logprob, 2) for n in naive}) == len(naive)  # distinct values, not constants
 
 
+@pytest.mark.slow
+def test_shared_prompt_prefix_is_encoded_once_and_changes_nothing(embedded_raw):
+    """CM's second calls for one bank entry (and their content-free calibration) share the system message with
+    its listed labels: that prefix's KV cache is computed once and reused, with the scores of a full pass."""
+    cands = ["card payment", "refund", "top up"]
+    reqs = [ScoreRequest.of(prompts.zero_shot(q, cands), cands)
+            for q in ("my card was charged twice", prompts.CONTENT_FREE, "how do I add money")]
+    reqs.append(ScoreRequest.of(prompts.zero_shot("add money", cands[:2]), cands[:2]))  # another prefix
+    old = (embedded_raw.prefix_caching, embedded_raw.score_batch_size)
+    try:
+        embedded_raw.prefix_caching, embedded_raw.score_batch_size = False, 1
+        full = embedded_raw.score(reqs)
+        embedded_raw.prefix_caching = True
+        embedded_raw._prefixes.clear()
+        hits = embedded_raw.stats.extra.get("prefix_hits", 0)
+        cached = embedded_raw.score(reqs)
+        assert embedded_raw.stats.extra["prefix_hits"] - hits == 2  # requests 2 and 3 reuse request 1's prefix
+        assert len(embedded_raw._prefixes) == 2
+        embedded_raw.score_batch_size = 4  # one pass: only the part common to all four prompts is shared
+        batched = embedded_raw.score(reqs)
+    finally:
+        embedded_raw.prefix_caching, embedded_raw.score_batch_size = old
+    for f, c, b in zip(full, cached, batched):
+        for x, y, z in zip(f, c, b):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-3) and x.logprob == pytest.approx(z.logprob, abs=1e-3)
+    assert len({round(x.logprob, 2) for x in full[0]}) == 3
+
+
 def _slang_dataset() -> Dataset:
     """massive_scenario rows of the six labels, gold renamed to the user's slang. The candidate label set the
     model is shown stays the original names (what a small model understands): the user's wording is exactly

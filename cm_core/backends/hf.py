@@ -10,6 +10,7 @@ import importlib.util
 import os
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ class TransformersLLM(LLM):
         self._lock = threading.Lock()  # one forward pass at a time per model (demo sessions share it)
         # Queries scored per forward pass: batching pays on a GPU; on a CPU the matmuls are already large.
         self.score_batch_size = score_batch_size or (8 if self.device.startswith("cuda") else 1)
+        self.prefix_caching = True  # reuse the KV cache of prompt prefixes shared across queries
+        self._prefixes: OrderedDict = OrderedDict()
         if model is None:
             model, tokenizer = self._load(model_id)
         self.model_obj, self.tok = model, tokenizer
@@ -131,32 +134,40 @@ class TransformersLLM(LLM):
         cands = [[self._candidate_ids(c) for c in r.candidates] for r in reqs]
         tries = [self._trie(c) for c in cands]
         B = len(reqs)
-        Pm = max(len(p) for p in prompts)
+        # The batch's shared prefix (system message, listed labels: everything before the last message's text) is
+        # encoded once and kept: later queries with the same prefix start from its KV cache.
+        C = self._shared_prefix_len(reqs, prompts)
+        Pm = max(len(p) for p in prompts) - C  # prompt tokens fed in this pass, per row at most
         Nm = max(len(t[1]) for t in tries)
         L = Pm + Nm
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         ids = torch.full((B, L), pad, dtype=torch.long)
         pos = torch.zeros((B, L), dtype=torch.long)
-        allowed = torch.zeros((B, L, L), dtype=torch.bool)
-        allowed[:, torch.arange(L), torch.arange(L)] = True  # padding attends to itself (no empty rows)
+        allowed = torch.zeros((B, L, C + L), dtype=torch.bool)  # key columns: [cached prefix][this pass]
+        seen = allowed[:, :, C:]
+        seen[:, torch.arange(L), torch.arange(L)] = True  # padding attends to itself (no empty rows)
         causal = torch.ones((Pm, Pm), dtype=torch.bool).tril()
         for b, (prompt, (_, tokens, parents, depths)) in enumerate(zip(prompts, tries)):
-            P, N, s = len(prompt), len(tokens), Pm - len(prompt)
-            ids[b, s:Pm] = torch.tensor(prompt)
-            pos[b, s:Pm] = torch.arange(P)
-            allowed[b, s:Pm, s:Pm] = causal[:P, :P]
+            P, N = len(prompt), len(tokens)
+            S, s = P - C, Pm - (P - C)  # prompt tokens in this pass, left padding
+            ids[b, s:Pm] = torch.tensor(prompt[C:])
+            pos[b, s:Pm] = torch.arange(C, P)
+            seen[b, s:Pm, s:Pm] = causal[:S, :S]
+            allowed[b, s:, :C] = True  # prompt and trie see the cached prefix
             if N:
                 ids[b, Pm:Pm + N] = torch.tensor(tokens)
                 pos[b, Pm:Pm + N] = torch.tensor(depths) + P
-                allowed[b, Pm:Pm + N, s:Pm] = True
+                seen[b, Pm:Pm + N, s:Pm] = True
                 for k in range(N):
                     a = k
                     while a != -1:
-                        allowed[b, Pm + k, Pm + a] = True
+                        seen[b, Pm + k, Pm + a] = True
                         a = parents[a]
         with torch.inference_mode():
+            past = self._prefix_cache(prompts[0][:C], B) if C else None
+            kw = {self._cache_arg(): past} if past is not None else {}
             out = self.model_obj(ids.to(dev), attention_mask=allowed[:, None].to(dev), position_ids=pos.to(dev),
-                                 use_cache=False, logits_to_keep=Nm + 1)
+                                 use_cache=past is not None, logits_to_keep=Nm + 1, **kw)
             lp = torch.log_softmax(out.logits.float(), -1)  # [B, Nm+1, V]: 0 = after prompt, 1+k = trie node k
             # Gather only the (row, position, token) values the candidates need; sum them per candidate.
             bi, pi, ti, owner, lengths = [], [], [], [], []
@@ -176,6 +187,51 @@ class TransformersLLM(LLM):
             results.append([CandidateScore(totals[k + i], len(c)) for i, c in enumerate(cs)])
             k += len(cs)
         return results
+
+    MIN_PREFIX = 8  # shorter shared prefixes are not worth a cache entry
+    PREFIX_CACHE_SIZE = 32  # distinct prefixes kept (CM's choices: one per bank candidate set)
+    PREFIX_CACHE_TOKENS = 8192  # and their tokens, all together
+
+    def _shared_prefix_len(self, reqs: list[ScoreRequest], prompts: list[list[int]]) -> int:
+        """Tokens every prompt of the batch shares before its last message's text, leaving each prompt at least
+        one token to feed (its last position predicts the candidates' first tokens)."""
+        if not self.prefix_caching:
+            return 0
+        first = prompts[0]
+        n = min(len(p) for p in prompts) - 1
+        # where the last message's text starts: the prompt rendered with that text left empty diverges there
+        r = reqs[0]
+        blank = self._prompt_ids(r.messages[:-1] + ((r.messages[-1][0], ""),))
+        n = min(n, next((i for i, (a, b) in enumerate(zip(first, blank)) if a != b), min(len(first), len(blank))))
+        for p in prompts[1:]:
+            n = min(n, next((i for i, (a, b) in enumerate(zip(first, p)) if a != b), n))
+        return n if n >= self.MIN_PREFIX else 0
+
+    def _cache_arg(self) -> str:
+        """transformers 5 renamed the forward argument ``past_key_values`` to ``cache``; accept both."""
+        import inspect
+        return "cache" if "cache" in inspect.signature(self.model_obj.forward).parameters else "past_key_values"
+
+    def _prefix_cache(self, prefix: list[int], batch: int):
+        """A fresh KV cache holding ``prefix`` for ``batch`` rows; the prefix itself is encoded once and kept."""
+        import copy
+        torch = _torch()
+        key = tuple(prefix)
+        store = self._prefixes
+        if key in store:
+            store.move_to_end(key)
+            self.stats.extra["prefix_hits"] = self.stats.extra.get("prefix_hits", 0) + 1
+        else:
+            out = self.model_obj(torch.tensor([prefix], device=self._dev), use_cache=True, logits_to_keep=1)
+            store[key] = next(v for k in ("cache", "past_key_values") if (v := getattr(out, k, None)) is not None)
+            # bounded in entries and in tokens (a listed-labels prefix of an 8B model is ~130 KB per token)
+            while len(store) > 1 and (len(store) > self.PREFIX_CACHE_SIZE
+                                      or sum(map(len, store)) > self.PREFIX_CACHE_TOKENS):
+                store.popitem(last=False)
+        cache = copy.deepcopy(store[key])  # the forward pass appends to it
+        if batch > 1:
+            cache.batch_repeat_interleave(batch)
+        return cache
 
     def naive_score(self, req: ScoreRequest) -> list[CandidateScore]:
         """Reference: one full forward pass of prompt+candidate per candidate."""
