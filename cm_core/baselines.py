@@ -3,6 +3,7 @@ and the zero-sample label-name similarity. Each is a :class:`~cm_core.methods.Me
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -135,7 +136,10 @@ class LogReg(TrainedEmbeddingMethod):
         from sklearn.linear_model import LogisticRegression
         self.single_ = y[0] if len(set(y)) == 1 else None  # sklearn needs two classes
         if self.single_ is None:
-            self.model_ = LogisticRegression(C=self.C, max_iter=2000).fit(X, y)
+            with warnings.catch_warnings():
+                # few samples per label is the normal case here (1-5 % of a dataset), not a regression problem
+                warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
+                self.model_ = LogisticRegression(C=self.C, max_iter=2000).fit(X, y)
 
     def _clone(self):
         return LogReg(self.labels, self.embedder, self.C)
