@@ -175,7 +175,7 @@ class LLMChooser:
     def _score(self, msgs, cands, calib) -> list[Prediction]:
         reqs = [ScoreRequest.of(m, c) for m, c in zip(msgs, cands)]
         results = self.llm.score(reqs)
-        calib_results = self._calibration([ScoreRequest.of(m, c) for m, c in zip(calib, cands)]) if calib else None
+        calib_results = self.calibration(calib, cands) if calib else None
         out = []
         for i, (c, res) in enumerate(zip(cands, results)):
             s = np.array([r.mean for r in res])
@@ -186,9 +186,11 @@ class LLMChooser:
             out.append(Prediction(c[int(np.argmax(s))], probs, {"scores": [round(float(x), 4) for x in s]}))
         return out
 
-    def _calibration(self, reqs: list[ScoreRequest]) -> list:
-        """Content-free scores are the same for every query with the same candidates: score each distinct request
-        once per chooser (without this an uncached backend paid a second full scoring pass per query)."""
+    def calibration(self, calib_messages: list[list[dict]], candidates: list[Sequence[str]]) -> list:
+        """Scores of the candidates after the content-free prompts. They are the same for every query with the same
+        candidates: each distinct request is scored once per chooser (without this an uncached backend paid a
+        second full scoring pass per query)."""
+        reqs = [ScoreRequest.of(m, c) for m, c in zip(calib_messages, candidates)]
         memo = self._calib_memo
         got = {r: memo.get(r) for r in reqs}
         todo = [r for r, v in got.items() if v is None]
@@ -259,10 +261,13 @@ class LLMMethod(Method):
     def _shown(self, cands: Sequence[str]) -> Sequence[str] | None:
         return cands if self.dec.list_labels else None
 
+    def _content_free(self, cands: Sequence[str]) -> list[dict]:
+        return self._messages(prompts.CONTENT_FREE, cands)
+
     def predict(self, texts, candidates=None):
         cands = self._candidates(texts, candidates)
         msgs = [self._messages(t, c) for t, c in zip(texts, cands)]
-        calib = [self._messages(prompts.CONTENT_FREE, c) for c in cands]
+        calib = [self._content_free(c) for c in cands]
         return self.chooser.choose(msgs, cands, calib, desc=self.name)
 
 
@@ -277,7 +282,7 @@ class ZeroShot(LLMMethod):
         pass per query instead of two (its calibration depends on the candidate set only)."""
         if self.chooser.effective_mode == "score" and self.dec.calibrate and candidate_sets:
             sets = [list(c) for c in candidate_sets]
-            self.chooser._calibration([ScoreRequest.of(self._messages(prompts.CONTENT_FREE, c), c) for c in sets])
+            self.chooser.calibration([self._content_free(c) for c in sets], sets)
 
 
 class Retriever:

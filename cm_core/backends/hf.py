@@ -7,6 +7,7 @@ queries share (system message, listed labels); ``naive_score`` keeps the straigh
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import threading
@@ -166,7 +167,7 @@ class TransformersLLM(LLM):
                         a = parents[a]
         with torch.inference_mode():
             past = self._prefix_cache(prompts[0][:C], B) if C else None
-            kw = {self._cache_arg(): past} if past is not None else {}
+            kw = {self._cache_arg: past} if past is not None else {}
             out = self.model_obj(ids.to(dev), attention_mask=allowed[:, None].to(dev), position_ids=pos.to(dev),
                                  use_cache=past is not None, logits_to_keep=Nm + 1, **kw)
             lp = torch.log_softmax(out.logits.float(), -1)  # [B, Nm+1, V]: 0 = after prompt, 1+k = trie node k
@@ -208,6 +209,7 @@ class TransformersLLM(LLM):
             n = min(n, next((i for i, (a, b) in enumerate(zip(first, p)) if a != b), n))
         return n if n >= self.MIN_PREFIX else 0
 
+    @functools.cached_property
     def _cache_arg(self) -> str:
         """transformers 5 renamed the forward argument ``past_key_values`` to ``cache``; accept both."""
         import inspect
