@@ -68,11 +68,17 @@ class TrainedEmbeddingMethod(EmbeddingMethod):
     def _fit_xy(self, X, y):
         raise NotImplementedError
 
+    def _fit_quietly(self, X, y) -> None:
+        with warnings.catch_warnings():
+            # few samples per label is the normal case here (1-5 % of a dataset), not a regression problem
+            warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
+            self._fit_xy(X, y)
+
     def fit(self, samples):
         samples = list(samples)
         self.train_texts_ = [s.text for s in samples]
         self.train_labels_ = [s.label for s in samples]
-        self._fit_xy(self.emb.encode(self.train_texts_), self.train_labels_)
+        self._fit_quietly(self.emb.encode(self.train_texts_), self.train_labels_)
         return self
 
     def sample(self, texts, temperature: float = 0.7, seed: int = 0):
@@ -85,7 +91,7 @@ class TrainedEmbeddingMethod(EmbeddingMethod):
         oof: dict[int, dict[str, float]] = {}
         for fit_idx, held in KFold(self.folds, shuffle=True, random_state=seed).split(X):
             copy = self._clone()
-            copy._fit_xy(X[fit_idx], y[fit_idx].tolist())
+            copy._fit_quietly(X[fit_idx], y[fit_idx].tolist())
             for i, d in zip(held, copy._dists(X[held])):
                 oof[int(i)] = d
         preds = [_restricted(oof[index[t]], self.labels) for t in texts]
@@ -136,10 +142,7 @@ class LogReg(TrainedEmbeddingMethod):
         from sklearn.linear_model import LogisticRegression
         self.single_ = y[0] if len(set(y)) == 1 else None  # sklearn needs two classes
         if self.single_ is None:
-            with warnings.catch_warnings():
-                # few samples per label is the normal case here (1-5 % of a dataset), not a regression problem
-                warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
-                self.model_ = LogisticRegression(C=self.C, max_iter=2000).fit(X, y)
+            self.model_ = LogisticRegression(C=self.C, max_iter=2000).fit(X, y)
 
     def _clone(self):
         return LogReg(self.labels, self.embedder, self.C)

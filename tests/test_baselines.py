@@ -43,7 +43,8 @@ def test_label_similarity_needs_no_samples(split):
     assert accuracy(split.test.targets, [p.label for p in preds]) > 1.5 / len(labels)  # above chance
 
 
-def test_logreg_on_few_samples_per_label_fits_quietly():
+@pytest.mark.parametrize("make", [KNN, LogReg])
+def test_classifiers_on_few_samples_per_label_fit_quietly(make):
     """1-5 % of a dataset gives about one sample per label: sklearn's "more classes than half the samples"
     warning would flood every run (once per fold), and is not a problem here."""
     import warnings
@@ -54,5 +55,5 @@ def test_logreg_on_few_samples_per_label_fits_quietly():
     few = [e for rows in list(first.values())[:30] for e in rows[:2]]  # 60 samples, 30 labels: 2 per label
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        m = LogReg(ds.labels).fit(few)
+        m = make(ds.labels).fit(few)
         m.sample([e.text for e in few], temperature=0.0)  # out-of-fold: folds of 48 rows over 30 labels
