@@ -102,7 +102,8 @@ def main() -> None:
     out = {"dataset": a.dataset, "model": cached.identity(), "pref_count": len(samples), "n_test": len(gold),
            "seed": a.seed, "torch_threads": torch.get_num_threads(),
            "base": {"method": a.method, **scored["base"]},
-           **{v: {"method": f"{a.method}+{v}", "adapt_s": cm_adapt, **scored[v]} for v in ("cm", "cm_paper", "cm_soft")},
+           **{v: {"method": f"{a.method}+{v}", "adapt_s": cm_adapt, **scored[v]}
+              for v in ("cm", "cm_paper", "cm_soft")},
            "lora": {"adapt_s": lora_adapt, **scored["lora"], "epochs": a.epochs, "lr": a.lr, "r": 8}}
     out["cm"]["bank_from_logged_answers_s"] = cm_logged  # the same bank for all three forms
     out["adapt_speedup_cm_vs_lora"] = lora_adapt / cm_adapt
