@@ -38,6 +38,7 @@ class EmbeddingMethod(Method):
         raise NotImplementedError
 
     def predict(self, texts, candidates=None):
+        self._check_fitted()
         dists = self._probs(texts)
         if candidates is None:
             return [_restricted(d, self.labels) for d in dists]
@@ -59,10 +60,11 @@ class LabelSimilarity(EmbeddingMethod):
 
 
 class TrainedEmbeddingMethod(EmbeddingMethod):
-    """A classifier fitted on the preference samples. Its answers on those same samples are what CM's bank is
-    estimated from, and a classifier answering its own training rows is near-perfect, which would make the bank
-    an identity. So answers on training rows are out-of-fold: each comes from a copy fitted without its fold."""
+    """A classifier fitted on the preference samples. CM's bank counts its answers on those same samples, and a
+    classifier answering its own training rows is near-perfect, which would make the bank an identity. So its
+    answers to its samples are out-of-fold: each comes from a copy fitted without that sample's fold."""
 
+    needs_samples = True
     folds = 5
 
     def _fit_xy(self, X, y):
@@ -74,27 +76,24 @@ class TrainedEmbeddingMethod(EmbeddingMethod):
             warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
             self._fit_xy(X, y)
 
-    def fit(self, samples):
-        samples = list(samples)
-        self.train_texts_ = [s.text for s in samples]
-        self.train_labels_ = [s.label for s in samples]
-        self._fit_quietly(self.emb.encode(self.train_texts_), self.train_labels_)
-        return self
+    def _fit(self, samples):
+        self._fit_quietly(self.emb.encode([s.text for s in samples]), [s.label for s in samples])
 
-    def sample(self, texts, temperature: float = 0.7, seed: int = 0):
-        index = {t: i for i, t in enumerate(getattr(self, "train_texts_", []))}
-        if not texts or not all(t in index for t in texts) or len(index) < 2 * self.folds:
-            return super().sample(texts, temperature, seed)
+    def answer_samples(self, samples, temperature: float = 0.7, seed: int = 0):
+        samples = list(samples)
+        texts = [s.text for s in samples]
+        if len(samples) < 2 * self.folds:  # too few to hold any fold out
+            return self.sample(texts, temperature, seed)
         from sklearn.model_selection import KFold
-        X = self.emb.encode(self.train_texts_)
-        y = np.array(self.train_labels_, dtype=object)
+        X = self.emb.encode(texts)
+        y = np.array([s.label for s in samples], dtype=object)
         oof: dict[int, dict[str, float]] = {}
         for fit_idx, held in KFold(self.folds, shuffle=True, random_state=seed).split(X):
             copy = self._clone()
             copy._fit_quietly(X[fit_idx], y[fit_idx].tolist())
             for i, d in zip(held, copy._dists(X[held])):
                 oof[int(i)] = d
-        preds = [_restricted(oof[index[t]], self.labels) for t in texts]
+        preds = [_restricted(oof[i], self.labels) for i in range(len(samples))]
         return draw(texts, preds, temperature, seed)
 
     def _clone(self) -> "TrainedEmbeddingMethod":

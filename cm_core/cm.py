@@ -13,39 +13,71 @@ from .data import Example
 from .marginalize import decide, soft_marginalize
 from .methods import Method, Prediction
 
+# The CM variants, by the suffix a method name carries: suffix -> (form, single-candidate rule).
+# "+cm": the paper's formula (a single candidate is mapped to); "+cm_paper": the official code (it is kept);
+# "+cm_soft": the soft form over p(ŷ|x). A new variant is one entry here (and its rule in marginalize.py).
+VARIANTS: dict[str, tuple[str, str]] = {"+cm": ("hard", "map"), "+cm_paper": ("hard", "keep"),
+                                        "+cm_soft": ("soft", "map")}
+
+
+def variant_suffix(form: str, single: str) -> str:
+    if form == "soft":
+        return "+cm_soft"
+    return next(s for s, (f, r) in VARIANTS.items() if (f, r) == (form, single))
+
+
+def estimate_bank(base: Method, samples: Sequence[Example], temperature: float = 0.7, seed: int = 0) -> MemoryBank:
+    """The memory bank: the fitted base method's answer to each preference sample, counted against the user's
+    label. The metadata records how it was made (method, model, temperature, seed, sample count)."""
+    samples = list(samples)
+    answers = base.answer_samples(samples, temperature, seed)
+    meta = {"base_method": base.name, "temperature": temperature, "seed": seed, "n_samples": len(samples)}
+    llm = getattr(base, "llm", None)
+    if llm is not None:
+        meta["model"] = llm.identity()
+    return MemoryBank.from_pairs(zip(answers, (s.label for s in samples)), meta)
+
 
 class CM(Method):
+    """``base``: the method whose answers are marginalized. ``chooser``: who picks among a bank entry's several
+    candidates (default: the base itself). ``bank``: a given bank is used as it is instead of being estimated.
+    ``prefit``: the base is already fitted on the same samples (fit only estimates the bank)."""
+
     def __init__(self, base: Method, chooser: Method | None = None, *, form: str = "hard", single: str = "map",
-                 temperature: float = 0.7, seed: int = 0, bank: MemoryBank | None = None):
+                 temperature: float = 0.7, seed: int = 0, bank: MemoryBank | None = None, prefit: bool = False):
         if form not in ("hard", "soft"):
             raise ValueError("form must be 'hard' or 'soft'")
         if single not in ("map", "keep"):
             raise ValueError("single must be 'map' or 'keep'")
         self.base, self.chooser = base, chooser
         self.form, self.single, self.temperature, self.seed = form, single, temperature, seed
+        self.bank, self.prefit = bank, prefit
         self.labels = base.labels
-        self.bank = bank
-        suffix = {("hard", "map"): "+cm", ("hard", "keep"): "+cm_paper", ("soft", "map"): "+cm_soft",
-                  ("soft", "keep"): "+cm_soft"}[(form, single)]
-        self.name = getattr(base, "name", "base") + suffix
+        self.name = base.name + variant_suffix(form, single)
 
-    def fit(self, samples: Sequence[Example], fit_base: bool = True) -> "CM":
-        samples = list(samples)
-        if fit_base:
+    @property
+    def needs_llm(self) -> bool:  # type: ignore[override]
+        return self.base.needs_llm
+
+    @property
+    def needs_samples(self) -> bool:  # type: ignore[override]
+        """Samples are needed to estimate the bank, or by a base that learns from them."""
+        return self.bank is None or (self.base.needs_samples and not self.prefit)
+
+    @property
+    def gives_probs(self) -> bool:
+        return self.form == "soft" or self.base.gives_probs
+
+    @property
+    def is_fitted(self) -> bool:
+        return hasattr(self, "bank_")
+
+    def _fit(self, samples: list[Example]) -> None:
+        if not self.prefit:
             self.base.fit(samples)
-        if self.bank is not None:  # a given (e.g. uploaded) bank is used as it is
-            self.bank_ = self.bank
-            self._prepare_choices()
-            return self
-        answers = self.base.sample([s.text for s in samples], self.temperature, self.seed)
-        meta = {"base_method": getattr(self.base, "name", "base"), "temperature": self.temperature,
-                "seed": self.seed, "n_samples": len(samples)}
-        llm = getattr(self.base, "llm", None)
-        if llm is not None:
-            meta["model"] = llm.identity()
-        self.bank_ = MemoryBank.from_pairs(zip(answers, (s.label for s in samples)), meta)
+        self.bank_ = self.bank if self.bank is not None else estimate_bank(self.base, samples, self.temperature,
+                                                                            self.seed)
         self._prepare_choices()
-        return self
 
     def _prepare_choices(self) -> None:
         """The hard form's second call chooses among one bank entry's candidates: let the chooser precompute what
@@ -60,8 +92,7 @@ class CM(Method):
         (self.chooser or self.base).prepare(sets)
 
     def predict(self, texts, candidates=None) -> list[Prediction]:
-        if not hasattr(self, "bank_"):
-            raise RuntimeError("CM: call fit(preference_samples) first")
+        self._check_fitted()
         base_preds = self.base.predict(texts, candidates)
         if self.form == "soft":
             return [self._soft(p) for p in base_preds]

@@ -20,7 +20,7 @@ from .errors import DataError
 
 MAX_FILE_BYTES = 20 * 1024 * 1024  # uploads and files larger than this are refused
 MAX_TEXT_CHARS = 4000  # one query longer than this is refused (it would not fit a small model's context)
-SHARED_NAMES = ("banking77", "clinc", "massive_scenario", "mtop_intent", "stackexchange")
+PAPER_DATASETS = ("banking77", "clinc", "massive_scenario", "mtop_intent", "stackexchange")  # shipped in data/
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ def load_file(path: str | os.PathLike, *, text_column: str | None = None, label_
         label_column = "label"
     examples = parse_examples(text, source=source, text_column=text_column, label_column=label_column, fmt=fmt,
                               labels=labels)
-    if name is None:  # ClusterLLM files are <dataset>/small.jsonl: name them after the folder
+    if name is None:  # ClusterLLM files are <dataset>/{small,large}.jsonl: name them after the folder
         name = Path(path).parent.name if Path(path).name in ("small.jsonl", "large.jsonl") else Path(path).stem
     return Dataset(name, examples, sorted(labels) if labels else [], source)
 
@@ -271,22 +271,28 @@ def load_hub(name: str, *, split: str | None = None, limit: int | None = None) -
     return Dataset(name, examples, source=f"hf:{spec['path']}")
 
 
-def shared_data_dir() -> Path:
-    """CM_DATA_DIR, else ../shared/datasets beside the repository."""
+def data_dir() -> Path:
+    """Where the paper's datasets are read: CM_DATA_DIR when set, else the repository's own data/ folder."""
     env = os.environ.get("CM_DATA_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "datasets"
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "data"
 
 
-def load_dataset(name_or_path: str, **kwargs) -> Dataset:
-    """A file path, a shared dataset name (read from CM_DATA_DIR / ../shared), or else the hub."""
+def load_dataset(name_or_path: str, *, split: str = "small", **kwargs) -> Dataset:
+    """A file path, a paper dataset by name (``<data_dir>/<name>/<split>.jsonl``, split "small" or "large"), or
+    else a public dataset from the Hugging Face hub (online only)."""
     if os.path.exists(name_or_path):
         return load_file(name_or_path, **kwargs)
-    local = shared_data_dir() / name_or_path / "small.jsonl"
+    if split not in ("small", "large"):
+        raise DataError(f"split must be 'small' or 'large', got {split!r}")
+    local = data_dir() / name_or_path / f"{split}.jsonl"
     if local.is_file():
-        return load_file(local, name=name_or_path, **kwargs)
-    if name_or_path in HUB_DATASETS:
+        ds = load_file(local, name=name_or_path, **kwargs)
+        ds.source = f"{name_or_path}/{split}.jsonl"  # not the machine's path: results and reports are shared
+        return ds
+    if name_or_path in PAPER_DATASETS:
+        if split == "large":
+            raise DataError(f"{name_or_path} has no large split in {data_dir()} (stackexchange's was never "
+                            "published)", source=name_or_path)
         return load_hub(name_or_path)
     raise DataError(f"no such file or dataset {name_or_path!r}; give a file path or one of {', '.join(HUB_DATASETS)}")
 

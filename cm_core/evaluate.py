@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -14,10 +14,10 @@ from sklearn.metrics import f1_score
 
 from .backends.base import LLM
 from .bank import MemoryBank
-from .cm import CM
+from . import registry
+from .cm import estimate_bank
 from .data import Dataset, split_dataset
-from .methods import Decoding, Method, Prediction
-from .registry import BASELINES, CM_VARIANTS, build_chooser, build_method, split_method_name
+from .methods import Decoding, Prediction
 
 RESULTS_VERSION = 1
 
@@ -105,11 +105,34 @@ def _package_versions() -> dict[str, str]:
     return out
 
 
+def compare(gold: Sequence[str], predictions: Mapping[str, Sequence[str]], base_of: Mapping[str, str] | None = None,
+            n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Metrics of every method's predictions; a method with an entry in ``base_of`` is also compared with its base
+    (paired exact McNemar test, accuracy difference). What the evaluation, the reports and the demo show."""
+    base_of = base_of or {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, pred in predictions.items():
+        out[name] = summarize(gold, pred, n_boot, seed)
+        base = base_of.get(name)
+        if base is not None and base in predictions:
+            out[name].update(p_value=mcnemar_p(gold, predictions[base], pred), base=base,
+                             delta=accuracy(gold, pred) - accuracy(gold, predictions[base]))
+    return out
+
+
+def cm_actions(preds: Sequence[Prediction]) -> dict[str, Any]:
+    """How often each marginalization branch fired, and how often CM needed its second call."""
+    actions = [p.info.get("action") for p in preds]
+    return {"actions": {a: actions.count(a) for a in sorted(set(actions), key=str)},
+            "second_call_rate": actions.count("choose") / max(1, len(actions))}
+
+
 def run_evaluation(dataset: Dataset, llm: LLM | None, methods: Sequence[str], *, pref_fraction: float | None = 0.05,
                    pref_count: int | None = None, n_test: int | None = 200, seed: int = 40,
                    stratified: bool = False, bank_temperature: float = 0.7, decoding: Decoding | None = None,
                    n_boot: int = 1000, bank: MemoryBank | None = None, progress=None) -> dict[str, Any]:
-    """Split, fit every base method and its CM variants on the preference samples, predict the test split.
+    """Split, fit every base method on the preference samples and predict the test split; estimate its memory bank
+    once (or use ``bank``, then the same bank for every base method) and predict with each of its CM variants.
 
     ``methods`` names base methods ("zero_shot"), CM variants ("zero_shot+cm", "+cm_paper", "+cm_soft") or both;
     naming a base alone also evaluates its "+cm" variant. Returns the results JSON (see README).
@@ -118,80 +141,74 @@ def run_evaluation(dataset: Dataset, llm: LLM | None, methods: Sequence[str], *,
     decoding = decoding or Decoding(seed=seed)
     split = split_dataset(dataset, pref_fraction=pref_fraction, pref_count=pref_count, n_test=n_test, seed=seed,
                           stratified=stratified)
-    pref, test = split.preference, split.test
-    gold = test.targets
+    pref, test = split.preference.examples, split.test
+    todo = registry.plan(methods)
+    n_steps, step = sum(1 + len(v) for v in todo.values()), 0
 
-    wanted: dict[str, list[str]] = {}  # base -> variants
-    for name in methods:
-        base, variant = split_method_name(name)
-        wanted.setdefault(base, [])
-        if variant and variant not in wanted[base]:
-            wanted[base].append(variant)
-    for base, variants in wanted.items():
-        if not variants:
-            variants.append("+cm")
-
-    results: dict[str, Any] = {}
-    predictions: dict[str, list[str]] = {}
-    banks: dict[str, Any] = {}
-    steps = [(b, v) for b, vs in wanted.items() for v in [None, *vs]]
-    for step, (base_name, variant) in enumerate(steps):
+    def tick(what: str) -> None:
+        nonlocal step
         if progress:
-            progress(step / len(steps), f"{base_name}{variant or ''}")
-        if variant is None:
-            t0 = time.time()
-            base = build_method(base_name, llm, dataset.labels, decoding)
-            base.fit(pref.examples)
-            preds = base.predict(test.texts)
-            predictions[base_name] = [p.label for p in preds]
-            results[base_name] = {**summarize(gold, predictions[base_name], n_boot, seed),
-                                  "time_s": round(time.time() - t0, 2), "kind": _kind(base_name)}
-            fitted_base, first_bank = base, None
-            continue
+            progress(step / n_steps, what)
+        step += 1
+
+    predictions: dict[str, list[str]] = {}
+    extra: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, dict[str, str]] = {}
+    base_of: dict[str, str] = {}
+    banks: dict[str, Any] = {}
+    for base_name, variants in todo.items():
+        tick(base_name)
         t0 = time.time()
-        form, single = CM_VARIANTS[variant]
-        chooser = build_chooser(base_name, fitted_base, llm, dataset.labels, decoding)
-        cm = CM(fitted_base, chooser, form=form, single=single, temperature=bank_temperature, seed=seed,
-                bank=bank or first_bank)
-        cm.fit(pref.examples, fit_base=False)
-        first_bank = cm.bank_
-        if form == "soft" and not _has_probs(fitted_base, test.texts[:1]):
-            results[base_name + variant] = {"skipped": "the base method gives no p(y|x) on this backend"}
-            continue
-        preds = cm.predict(test.texts)
-        name = base_name + variant
-        predictions[name] = [p.label for p in preds]
-        actions = [p.info.get("action") for p in preds]
-        results[name] = {**summarize(gold, predictions[name], n_boot, seed),
-                         "p_value": mcnemar_p(gold, predictions[base_name], predictions[name]),
-                         "base": base_name, "delta": accuracy(gold, predictions[name]) - results[base_name]["accuracy"],
-                         "actions": {a: actions.count(a) for a in sorted(set(actions))},
-                         "second_call_rate": actions.count("choose") / max(1, len(actions)),
-                         "time_s": round(time.time() - t0, 2), "kind": _kind(base_name)}
-        banks[base_name] = {"stats": cm.bank_.stats(), "bank": cm.bank_.to_dict()}
+        base = registry.build(base_name, labels=dataset.labels, llm=llm, decoding=decoding).fit(pref)
+        predictions[base_name] = [p.label for p in base.predict(test.texts)]
+        extra[base_name] = {"time_s": round(time.time() - t0, 2), "kind": _kind(base_name)}
+        t0 = time.time()
+        base_bank = bank if bank is not None else estimate_bank(base, pref, bank_temperature, seed)
+        banks[base_name] = {"stats": base_bank.stats(), "bank": base_bank.to_dict(), "given": bank is not None,
+                            "time_s": round(time.time() - t0, 2)}
+        for variant in variants:
+            name = base_name + variant
+            tick(name)
+            if registry.is_soft(name) and not base.gives_probs:
+                skipped[name] = {"skipped": "the base method gives no p(y|x) on this backend"}
+                continue
+            t0 = time.time()
+            cm = registry.build(name, labels=dataset.labels, llm=llm, decoding=decoding, bank=base_bank,
+                                base=base).fit(pref)
+            preds = cm.predict(test.texts)
+            predictions[name] = [p.label for p in preds]
+            base_of[name] = base_name
+            extra[name] = {**cm_actions(preds), "time_s": round(time.time() - t0, 2), "kind": _kind(base_name)}
     if progress:
         progress(1.0, "done")
 
+    scored = compare(test.targets, predictions, base_of, n_boot, seed)
+    results = {name: {**scored[name], **extra[name]} if name in scored else skipped[name]
+               for name in [b + (v or "") for b, vs in todo.items() for v in [None, *vs]]}
     config = {"dataset": dataset.name, "source": dataset.source, "n_labels": len(dataset.labels),
               "model": llm.identity() if llm is not None else None, "methods": list(methods),
               "pref_fraction": pref_fraction, "pref_count": len(pref), "n_test": len(test), "seed": seed,
-              "stratified": stratified, "bank_temperature": bank_temperature, "decoding": asdict(decoding),
-              "scoring": ("generation-fallback" if llm is not None and decoding.mode == "score"
-                          and not llm.supports_scores else decoding.mode)}
+              "stratified": stratified, "bank_temperature": bank_temperature, "bank_given": bank is not None,
+              "decoding": asdict(decoding), "scoring": scoring_mode(llm, decoding)}
     calls = asdict(llm.stats) if llm is not None else {}
     return {"version": RESULTS_VERSION, "config": config, "results": results, "banks": banks,
-            "gold": gold, "texts": test.texts, "predictions": predictions,
+            "gold": test.targets, "texts": test.texts, "predictions": predictions,
             "run": {"wall_time_s": round(time.time() - t_start, 2), "llm_calls": calls,
                     "versions": _package_versions(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}}
 
 
+def scoring_mode(llm: LLM | None, decoding: Decoding) -> str | None:
+    """How labels were really chosen: the decoding mode, or the generation fallback of a backend without
+    log-probabilities."""
+    if llm is None:
+        return None
+    if decoding.mode == "score" and not llm.supports_scores:
+        return "generation-fallback"
+    return decoding.mode
+
+
 def _kind(base_name: str) -> str:
-    return "baseline" if base_name in BASELINES else "llm"
-
-
-def _has_probs(method: Method, texts) -> bool:
-    preds: list[Prediction] = method.predict(texts)
-    return bool(preds and preds[0].probs)
+    return "llm" if registry.needs_llm(base_name) else "baseline"
 
 
 def results_table(res: dict[str, Any]) -> list[dict[str, Any]]:

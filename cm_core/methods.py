@@ -77,12 +77,43 @@ def _stable_seed(text: str, seed: int) -> int:
     return (zlib.crc32(text.encode("utf-8")) + 1_000_003 * seed) % (2**31)
 
 
+class NotFittedError(RuntimeError):
+    """A method that learns from preference samples was asked to predict before ``fit``."""
+
+
 class Method(ABC):
+    """What every base method (and CM itself) is. The class attributes are facts callers may ask before building
+    one (the registry reads them): does it need an LLM backend, does it need preference samples."""
+
     name = "method"
+    needs_llm = False
+    needs_samples = False
     labels: list[str]
 
     def fit(self, samples: Sequence[Example]) -> "Method":
+        """Learn from the preference samples (``_fit``); afterwards ``n_samples_`` says the method is fitted."""
+        samples = list(samples)
+        if self.needs_samples and not samples:
+            raise NotFittedError(f"{self.name} needs preference samples to fit on")
+        self._fit(samples)
+        self.n_samples_ = len(samples)
         return self
+
+    def _fit(self, samples: list[Example]) -> None:
+        """What a method learns from the samples; nothing by default."""
+
+    @property
+    def is_fitted(self) -> bool:
+        return not self.needs_samples or hasattr(self, "n_samples_")
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(f"{self.name}: call fit(preference_samples) first")
+
+    @property
+    def gives_probs(self) -> bool:
+        """Whether predictions carry p(ŷ|x) (what CM's soft form needs)."""
+        return True
 
     @abstractmethod
     def predict(self, texts: Sequence[str], candidates: Sequence[Sequence[str]] | None = None) -> list[Prediction]:
@@ -91,6 +122,11 @@ class Method(ABC):
     def sample(self, texts: Sequence[str], temperature: float = 0.7, seed: int = 0) -> list[str]:
         """One answer per text drawn at ``temperature`` from p(ŷ|x); argmax at temperature 0."""
         return draw(texts, self.predict(texts), temperature, seed)
+
+    def answer_samples(self, samples: Sequence[Example], temperature: float = 0.7, seed: int = 0) -> list[str]:
+        """The answers CM's memory bank counts: this method's answers to the preference samples it was fitted on.
+        A method that memorizes its training rows overrides this to answer them out of fold."""
+        return self.sample([s.text for s in samples], temperature, seed)
 
     def prepare(self, candidate_sets: Sequence[Sequence[str]]) -> None:
         """Do now the work that depends only on candidate sets known in advance (CM's bank entries), so that a
@@ -117,11 +153,15 @@ def draw(texts: Sequence[str], preds: Sequence[Prediction], temperature: float, 
 
 # --------------------------------------------------------------------------- the LLM's label choice
 
-@dataclass
+@dataclass(frozen=True)
 class Decoding:
-    mode: str = "score"  # "score" (candidate log-probs) or "generate" (the paper's text protocol)
+    """How an LLM picks a label. The one default every face uses (CLI, notebooks, demo, benchmarks)."""
+
+    mode: str = "score"  # "score" (candidate log-probs) or "generate" (sample text, clean it, match a label)
     calibrate: bool = True  # subtract the content-free input's scores (score mode)
-    list_labels: bool = True  # show the candidate labels in the prompt, as the paper does
+    # show the candidate labels in the prompt. None: only when the model must write a label's words itself
+    # (generation, or a backend without log-probabilities); scoring ranks the labels without seeing them listed
+    list_labels: bool | None = None
     prob_temperature: float = 1.0  # softmax temperature turning scores into p(ŷ|x)
     temperature: float = 0.7  # generation: the paper samples at 0.7, top_p 0.9, 60 new tokens
     top_p: float = 0.9
@@ -130,6 +170,12 @@ class Decoding:
     strict: bool = False  # generation: require exact match (paper) instead of accepting a contained label
     seed: int = 0
     batch_size: int = 8
+
+    def __post_init__(self):
+        if self.mode not in ("score", "generate"):
+            raise ValueError(f"decoding mode must be 'score' or 'generate', got {self.mode!r}")
+        if self.batch_size < 1 or self.n_votes < 1:
+            raise ValueError("batch_size and n_votes must be at least 1")
 
 
 class LLMChooser:
@@ -141,13 +187,10 @@ class LLMChooser:
         self.llm = llm
         self.dec = decoding or Decoding()
         self._warned = False
-        self.force_votes = False  # sampled self-consistency: k generations and their majority
         self._calib_memo: dict[ScoreRequest, list] = {}  # content-free scores, one per (prompt, candidate set)
 
     @property
     def effective_mode(self) -> str:
-        if self.force_votes and self.dec.mode == "generate":
-            return "vote"
         if self.dec.mode == "score" and not self.llm.supports_scores:
             if not self._warned:
                 log.warning("%s gives no log-probabilities: scoring falls back to constrained choice by generation "
@@ -155,6 +198,12 @@ class LLMChooser:
                 self._warned = True
             return "vote"
         return self.dec.mode
+
+    @property
+    def lists_labels(self) -> bool:
+        if self.dec.list_labels is not None:
+            return self.dec.list_labels
+        return self.effective_mode != "score"
 
     def choose(self, messages: list[list[dict]], candidates: list[Sequence[str]],
                calib_messages: list[list[dict]] | None = None, desc: str = "") -> list[Prediction]:
@@ -227,21 +276,34 @@ class LLMChooser:
 
 # --------------------------------------------------------------------------- base methods
 
-class LLMMethod(Method):
-    """Shared plumbing: build prompts per query, calibrate with the same prompt on the content-free input."""
+SHORTLIST_K = 10  # *_knn methods: candidates = labels of the 10 most similar preference samples
 
-    def __init__(self, llm: LLM, labels: Sequence[str], decoding: Decoding | None = None,
-                 shortlist: int | None = None, embedder=None):
+
+class LLMMethod(Method):
+    """Shared plumbing. A method says how one query's prompt reads (``_messages``) and, where the prompt needs
+    more than the query and its candidates, what each query brings (``_contexts``: retrieved examples,
+    reasoning). ``predict`` then scores every query and, to calibrate, the same prompt on the content-free input."""
+
+    needs_llm = True
+    shortlist: int | None = None  # with k, the candidates are the labels of the k most similar preference samples
+
+    def __init__(self, llm: LLM, labels: Sequence[str], decoding: Decoding | None = None, *, embedder=None):
         self.llm, self.labels = llm, list(labels)
         self.chooser = LLMChooser(llm, decoding)
         self.dec = self.chooser.dec
-        self.shortlist, self.embedder = shortlist, embedder
+        self.embedder = embedder
 
-    def fit(self, samples):
+    @property
+    def gives_probs(self) -> bool:
+        return self.chooser.effective_mode != "generate"
+
+    def _retriever(self, samples) -> "Retriever":
+        from .embeddings import get_embedder
+        return Retriever(self.embedder or get_embedder(), samples)
+
+    def _fit(self, samples):
         if self.shortlist:
-            from .embeddings import get_embedder
-            self.shortlist_ = Retriever(self.embedder or get_embedder(), samples)
-        return self
+            self.shortlist_ = self._retriever(samples)
 
     def _candidates(self, texts, candidates) -> list[list[str]]:
         """Each query's candidates: the given subsets, else all labels, or with ``shortlist=k`` only the labels of
@@ -249,32 +311,43 @@ class LLMMethod(Method):
         if candidates is not None:
             return [list(c) for c in candidates]
         if self.shortlist:
-            if not hasattr(self, "shortlist_"):
-                raise RuntimeError(f"{self.name}: call fit(preference_samples) first")
             near = self.shortlist_.nearest(texts, self.shortlist)
             return [sorted({e.label for e in n}) or list(self.labels) for n in near]
         return [list(self.labels)] * len(texts)
 
-    def _messages(self, text: str, cands: Sequence[str]) -> list[dict]:
+    def _shown(self, cands: Sequence[str]) -> Sequence[str] | None:
+        return cands if self.chooser.lists_labels else None
+
+    def _contexts(self, texts: Sequence[str], cands: list[list[str]]) -> list[Any]:
+        """What each query's prompt needs besides its text and candidates; nothing by default."""
+        return [None] * len(texts)
+
+    def _calib_context(self, context: Any) -> Any:
+        """The context shown with the content-free input (the same, unless it was produced from the query)."""
+        return context
+
+    def _messages(self, text: str, cands: Sequence[str], context: Any = None) -> list[dict]:
         raise NotImplementedError
 
-    def _shown(self, cands: Sequence[str]) -> Sequence[str] | None:
-        return cands if self.dec.list_labels else None
-
-    def _content_free(self, cands: Sequence[str]) -> list[dict]:
-        return self._messages(prompts.CONTENT_FREE, cands)
-
     def predict(self, texts, candidates=None):
+        self._check_fitted()
+        texts = list(texts)
         cands = self._candidates(texts, candidates)
-        msgs = [self._messages(t, c) for t, c in zip(texts, cands)]
-        calib = [self._content_free(c) for c in cands]
-        return self.chooser.choose(msgs, cands, calib, desc=self.name)
+        ctx = self._contexts(texts, cands)
+        msgs = [self._messages(t, c, x) for t, c, x in zip(texts, cands, ctx)]
+        calib = [self._messages(prompts.CONTENT_FREE, c, self._calib_context(x)) for c, x in zip(cands, ctx)]
+        preds = self.chooser.choose(msgs, cands, calib, desc=self.name)
+        self._annotate(preds, ctx)
+        return preds
+
+    def _annotate(self, preds: list[Prediction], contexts: list[Any]) -> None:
+        """Add what the method knows about each answer to its ``info``; nothing by default."""
 
 
 class ZeroShot(LLMMethod):
     name = "zero_shot"
 
-    def _messages(self, text, cands):
+    def _messages(self, text, cands, context=None):
         return prompts.zero_shot(text, self._shown(cands))
 
     def prepare(self, candidate_sets):
@@ -282,7 +355,15 @@ class ZeroShot(LLMMethod):
         pass per query instead of two (its calibration depends on the candidate set only)."""
         if self.chooser.effective_mode == "score" and self.dec.calibrate and candidate_sets:
             sets = [list(c) for c in candidate_sets]
-            self.chooser.calibration([self._content_free(c) for c in sets], sets)
+            self.chooser.calibration([self._messages(prompts.CONTENT_FREE, c) for c in sets], sets)
+
+
+class ZeroShotKNN(ZeroShot):
+    """Zero-shot over a shortlist: the labels of the 10 most similar preference samples."""
+
+    name = "zero_shot_knn"
+    needs_samples = True
+    shortlist = SHORTLIST_K
 
 
 class Retriever:
@@ -307,65 +388,76 @@ class Retriever:
 
 
 class FewShot(LLMMethod):
-    """k demonstrations from the preference samples: the most similar (retrieval) or a fixed seeded set."""
+    """The k most similar preference samples as demonstrations."""
 
-    def __init__(self, llm, labels, decoding=None, k: int = 5, retrieval: bool = True, embedder=None,
-                 shortlist: int | None = None):
-        super().__init__(llm, labels, decoding, shortlist, embedder)
-        self.k, self.retrieval = k, retrieval
-        self.name = "few_shot" if retrieval else "few_shot_fixed"
+    name = "few_shot"
+    needs_samples = True
 
-    def fit(self, samples):
-        super().fit(samples)
-        self.samples_ = list(samples)
-        if self.retrieval:
-            from .embeddings import get_embedder
-            self.retriever_ = Retriever(self.embedder or get_embedder(), self.samples_)
-        else:
-            rng = random.Random(self.dec.seed)
-            self.fixed_ = rng.sample(self.samples_, min(self.k, len(self.samples_)))
-        return self
+    def __init__(self, llm, labels, decoding=None, *, k: int = 5, embedder=None):
+        super().__init__(llm, labels, decoding, embedder=embedder)
+        self.k = k
 
-    def predict(self, texts, candidates=None):
-        if not hasattr(self, "samples_"):
-            raise RuntimeError(f"{self.name}: call fit(preference_samples) first")
-        shots = self.retriever_.nearest(texts, self.k) if self.retrieval else [self.fixed_] * len(texts)
-        cands = self._candidates(texts, candidates)
-        msgs = [prompts.few_shot(t, self._shown(c), s) for t, c, s in zip(texts, cands, shots)]
-        calib = [prompts.few_shot(prompts.CONTENT_FREE, self._shown(c), s) for c, s in zip(cands, shots)]
-        return self.chooser.choose(msgs, cands, calib, desc=self.name)
+    def _fit(self, samples):
+        super()._fit(samples)
+        self.retriever_ = self._retriever(samples)
+
+    def _contexts(self, texts, cands):
+        return self.retriever_.nearest(texts, self.k)
+
+    def _messages(self, text, cands, context=None):
+        return prompts.few_shot(text, self._shown(cands), context or [])
+
+
+class FewShotFixed(FewShot):
+    """k demonstrations drawn once (seeded) from the preference samples, the same for every query."""
+
+    name = "few_shot_fixed"
+
+    def _fit(self, samples):
+        LLMMethod._fit(self, samples)
+        self.fixed_ = random.Random(self.dec.seed).sample(samples, min(self.k, len(samples)))
+
+    def _contexts(self, texts, cands):
+        return [self.fixed_] * len(texts)
+
+
+class FewShotKNN(FewShot):
+    """Few-shot over a shortlist: the labels of the 10 most similar preference samples."""
+
+    name = "few_shot_knn"
+    shortlist = SHORTLIST_K
 
 
 class ChainOfThought(LLMMethod):
     """One similar preference example with worked reasoning; the model reasons, then gives the label."""
 
     name = "cot"
+    needs_samples = True
 
-    def __init__(self, llm, labels, decoding=None, embedder=None, reasoning_tokens: int = 48,
-                 shortlist: int | None = None):
-        super().__init__(llm, labels, decoding, shortlist, embedder)
+    def __init__(self, llm, labels, decoding=None, *, embedder=None, reasoning_tokens: int = 48):
+        super().__init__(llm, labels, decoding, embedder=embedder)
         self.reasoning_tokens = reasoning_tokens
 
-    def fit(self, samples):
-        super().fit(samples)
-        from .embeddings import get_embedder
-        self.retriever_ = Retriever(self.embedder or get_embedder(), samples)
-        return self
+    def _fit(self, samples):
+        super()._fit(samples)
+        self.retriever_ = self._retriever(samples)
 
-    def predict(self, texts, candidates=None):
-        if not hasattr(self, "retriever_"):
-            raise RuntimeError("cot: call fit(preference_samples) first")
+    def _contexts(self, texts, cands):
+        """(demonstration, the model's reasoning for this query): the reasoning is generated first."""
         demos = [d[0] if d else None for d in self.retriever_.nearest(texts, 1)]
-        cands = self._candidates(texts, candidates)
         first = [prompts.chain_of_thought(t, self._shown(c), d) for t, c, d in zip(texts, cands, demos)]
-        reasoning = self.chooser.generate_text(first, self.reasoning_tokens)
-        msgs = [prompts.cot_answer(m, r) for m, r in zip(first, reasoning)]
-        calib = [prompts.cot_answer(prompts.chain_of_thought(prompts.CONTENT_FREE, self._shown(c), d), "")
-                 for c, d in zip(cands, demos)]
-        preds = self.chooser.choose(msgs, cands, calib, desc=self.name)
-        for p, r in zip(preds, reasoning):
-            p.info["reasoning"] = r
-        return preds
+        return list(zip(demos, self.chooser.generate_text(first, self.reasoning_tokens)))
+
+    def _calib_context(self, context):
+        return (context[0], "")
+
+    def _messages(self, text, cands, context=None):
+        demo, reasoning = context
+        return prompts.cot_answer(prompts.chain_of_thought(text, self._shown(cands), demo), reasoning)
+
+    def _annotate(self, preds, contexts):
+        for p, (_, reasoning) in zip(preds, contexts):
+            p.info["reasoning"] = reasoning
 
 
 class SelfConsistency(Method):
@@ -375,17 +467,25 @@ class SelfConsistency(Method):
     """
 
     name = "self_consistency"
+    needs_llm = True
+    needs_samples = True
 
-    def __init__(self, voters: Sequence[Method]):
-        self.voters = list(voters)
-        self.labels = self.voters[0].labels
+    def __init__(self, llm: LLM, labels: Sequence[str], decoding: Decoding | None = None, *,
+                 voters: Sequence[Method] | None = None, embedder=None):
+        self.llm, self.labels = llm, list(labels)
+        self.voters = list(voters) if voters is not None else [
+            cls(llm, labels, decoding, embedder=embedder) for cls in (ZeroShot, FewShot, ChainOfThought)]
 
-    def fit(self, samples):
+    @property
+    def gives_probs(self) -> bool:
+        return any(v.gives_probs for v in self.voters)
+
+    def _fit(self, samples):
         for v in self.voters:
             v.fit(samples)
-        return self
 
     def predict(self, texts, candidates=None):
+        self._check_fitted()
         all_preds = [v.predict(texts, candidates) for v in self.voters]
         out = []
         for i in range(len(texts)):

@@ -9,32 +9,27 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# CI clones the repository with shared/ beside it; an explicit CM_DATA_DIR wins.
-os.environ.setdefault("CM_DATA_DIR", str(REPO.parent / "shared" / "datasets"))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from cm_core.data import SHARED_NAMES, shared_data_dir  # noqa: E402
+from cm_core.data import PAPER_DATASETS, data_dir as paper_data_dir  # noqa: E402
 from cm_core.methods import Method, Prediction  # noqa: E402
 
 from fake_openai import FakeOpenAIServer  # noqa: E402
 
-DATA_DIR = Path(os.environ["CM_DATA_DIR"])
-
-
 def pytest_report_header(config):
-    return f"CM_DATA_DIR={DATA_DIR}"
+    return f"datasets: {paper_data_dir()}"
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    missing = [n for n in SHARED_NAMES if not (shared_data_dir() / n / "small.jsonl").is_file()]
+    missing = [n for n in PAPER_DATASETS if not (paper_data_dir() / n / "small.jsonl").is_file()]
     if missing:
-        pytest.fail(f"shared datasets missing under {shared_data_dir()}: {missing} (set CM_DATA_DIR)")
-    return shared_data_dir()
+        pytest.fail(f"datasets missing under {paper_data_dir()}: {missing}")
+    return paper_data_dir()
 
 
 @pytest.fixture(autouse=True)

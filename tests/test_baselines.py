@@ -20,7 +20,7 @@ def test_answers_on_own_training_rows_are_out_of_fold(split, make):
     m = make(labels).fit(split.preference.examples)
     texts, gold = split.preference.texts, split.preference.targets
     in_sample = accuracy(gold, [p.label for p in m.predict(texts)])
-    oof = accuracy(gold, m.sample(texts, temperature=0.0, seed=0))
+    oof = accuracy(gold, m.answer_samples(split.preference.examples, temperature=0.0, seed=0))
     assert in_sample >= 0.97  # a classifier (1-NN exactly) answering its own training rows
     assert oof < in_sample - 0.1  # what CM's bank must see instead: answers on unseen rows
     assert oof > 0.3  # still a real classifier, not noise

@@ -31,7 +31,7 @@ def test_shared_dataset_loads(name, data_dir):
     assert len(raw) == n_rows
     ds = load_dataset(name)
     assert ds.name == name
-    assert ds.source == str(data_dir / name / "small.jsonl")
+    assert ds.source == f"{name}/small.jsonl"
     assert len(ds.labels) == n_labels
     assert ds.labels == sorted({r["label"] for r in raw})
     # exact duplicate rows (same text and label, after whitespace normalization) are dropped, nothing else
@@ -51,17 +51,27 @@ def test_load_dataset_by_path_and_unknown_name(data_dir, tmp_path):
         load_dataset("not_a_dataset")
 
 
-def test_shared_data_dir_defaults_to_shared_beside_the_repo(monkeypatch):
+def test_datasets_ship_in_the_repository(monkeypatch):
+    """A fresh clone reads the paper's datasets from its own data/ folder, offline, with nothing beside it."""
     from conftest import REPO
     monkeypatch.delenv("CM_DATA_DIR", raising=False)
-    assert data.shared_data_dir() == REPO.parent / "shared" / "datasets"
+    assert data.data_dir() == REPO / "data"
+    for name, (n_rows, n_labels) in SHARED.items():
+        ds = load_dataset(name)
+        assert ds.source == f"{name}/small.jsonl"  # no machine path in results
+        assert len(ds.labels) == n_labels
+    large = load_dataset("banking77", split="large")
+    assert large.name == "banking77" and large.source == "banking77/large.jsonl" and len(large.labels) == 77
+    with pytest.raises(DataError, match="no large split"):
+        load_dataset("stackexchange", split="large")
+    assert "licence" in (REPO / "data" / "README.md").read_text().lower()
 
 
-def test_shared_data_dir_follows_env(monkeypatch, tmp_path):
+def test_data_dir_follows_env(monkeypatch, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "small.jsonl").write_text('{"task": "t", "input": "hi there", "label": "greet"}\n')
     monkeypatch.setenv("CM_DATA_DIR", str(tmp_path))
-    assert data.shared_data_dir() == tmp_path
+    assert data.data_dir() == tmp_path
     ds = load_dataset("mine")
     assert ds.name == "mine" and ds.examples == [Example("hi there", "greet")]
 

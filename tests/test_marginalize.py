@@ -53,7 +53,7 @@ CHOICES = {"will it rain": "outside", "is it sunny": "sky report", "play jazz": 
 def _cm(table_method, single="map", chooser=True):
     base = table_method(LABELS, QUERIES)
     ch = table_method(LABELS, {}, CHOICES) if chooser else None
-    cm = CM(base, ch, single=single, bank=_bank()).fit([], fit_base=False)
+    cm = CM(base, ch, single=single, bank=_bank(), prefit=True).fit([])
     return cm, base, ch
 
 
@@ -129,7 +129,7 @@ def test_fit_counts_base_answers_against_user_labels(table_method):
                Example("wake me at six", "wake-up buzz"), Example("play jazz", "tunes"),
                Example("put on the radio", "radio"), Example("bake bread", "grub")]
     cm = CM(base, temperature=0.0, seed=3).fit(samples)
-    assert base.fitted_on == samples  # fit_base=True shows the base the samples
+    assert base.fitted_on == samples  # an unfitted base is shown the samples
     assert cm.bank_.counts == {"weather": {"outside": 1, "sky report": 1}, "alarm": {"wake-up buzz": 1},
                                "music": {"tunes": 1, "radio": 1}, "cooking": {"grub": 1}}
     assert cm.bank_.meta == {"base_method": "table", "temperature": 0.0, "seed": 3, "n_samples": 6}
@@ -181,7 +181,7 @@ def test_cm_soft_predict(table_method):
              "fry eggs": {"cooking": 0.5, "music": 0.5}}
     base = table_method(LABELS, {"will it rain": "weather", "play jazz": "music", "bake bread": "cooking",
                                  "fry eggs": "cooking"}, probs=probs)
-    cm = CM(base, form="soft", bank=bank).fit([], fit_base=False)
+    cm = CM(base, form="soft", bank=bank, prefit=True).fit([])
     rain, jazz, bread, eggs = cm.predict(["will it rain", "play jazz", "bake bread", "fry eggs"])
     assert rain.probs == pytest.approx({"sky report": 0.5, "outside": 0.25, "tunes": 0.25})
     assert rain.label == "sky report"

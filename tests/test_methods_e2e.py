@@ -108,7 +108,7 @@ def test_cm_prepares_its_choices_at_fit_time():
     base = ZeroShot(llm, LABELS, Decoding(list_labels=False))
     chooser = ZeroShot(llm, LABELS, Decoding(list_labels=True))
     bank = MemoryBank.from_pairs([("sky report", "sky report"), ("sky report", "wake-up buzz"), ("tunes", "tunes")])
-    cm = CM(base, chooser, bank=bank).fit([], fit_base=False)
+    cm = CM(base, chooser, bank=bank, prefit=True).fit([])
     assert [r.candidates for r in llm.requests] == [("sky report", "wake-up buzz")]  # the one choice, content-free
     assert prompts.CONTENT_FREE in llm.requests[0].messages[-1][1]
     llm.requests.clear()
@@ -120,7 +120,7 @@ def test_cm_prepares_its_choices_at_fit_time():
     direct = ZeroShot(BiasedScorer(GOLD), LABELS, Decoding(list_labels=True)).predict(
         ["will it rain"], [["sky report", "wake-up buzz"]])[0]
     assert (preds[0].label, preds[0].probs) == (direct.label, direct.probs)
-    soft = CM(ZeroShot(BiasedScorer(GOLD), LABELS), form="soft", bank=bank).fit([], fit_base=False)
+    soft = CM(ZeroShot(BiasedScorer(GOLD), LABELS), form="soft", bank=bank, prefit=True).fit([])
     assert soft.base.llm.requests == []  # no second call in the soft form, so nothing to prepare
 
 
