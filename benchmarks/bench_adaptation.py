@@ -15,11 +15,10 @@ import torch
 from cm_core import prompts
 from cm_core.backends import make_backend
 from cm_core.backends.hf import TransformersLLM, materialize_embedded
-from cm_core.cm import CM
 from cm_core.data import load_dataset, split_dataset
 from cm_core.evaluate import accuracy, bootstrap_ci
 from cm_core.methods import Decoding
-from cm_core.registry import build_chooser, build_method
+from cm_core.registry import build
 
 
 def lora_finetune(samples, epochs: int, lr: float, seed: int):
@@ -68,14 +67,13 @@ def main() -> None:
     ds = load_dataset(a.dataset)
     split = split_dataset(ds, pref_fraction=a.pref_fraction, n_test=a.n_test, seed=a.seed)
     samples, test = split.preference.examples, split.test
-    dec = Decoding(seed=a.seed, list_labels=False)
+    dec = Decoding(seed=a.seed)
 
     # CM's adaptation: the base method answers every preference sample (through the response cache, as the library
     # always runs, so bench_throughput can reuse these answers), then the bank counts (answer, user label) pairs.
     cached = make_backend("embedded")
-    base = build_method(a.method, cached, ds.labels, dec)
     t0 = time.perf_counter()
-    cm = CM(base, temperature=0.7, seed=a.seed).fit(samples)
+    cm = build(f"{a.method}+cm", labels=ds.labels, llm=cached, decoding=dec, seed=a.seed).fit(samples)
     cm_adapt = time.perf_counter() - t0
     if cached.stats.cache_hits:
         raise SystemExit(f"{cached.stats.cache_hits} preference-sample answers came from the response cache, so "
@@ -83,19 +81,19 @@ def main() -> None:
     # A deployed assistant has already answered the user's queries before the user corrected them: then the bank
     # is only counting (plus cache reads). Reported separately; the cold time above is the one compared to LoRA.
     t0 = time.perf_counter()
-    CM(build_method(a.method, cached, ds.labels, dec), temperature=0.7, seed=a.seed).fit(samples)
+    build(f"{a.method}+cm", labels=ds.labels, llm=cached, decoding=dec, seed=a.seed).fit(samples)
     cm_logged = time.perf_counter() - t0
 
-    chooser = build_chooser(a.method, base, cached, ds.labels, dec)
+    base = cm.base
     preds = {"base": [p.label for p in base.predict(test.texts)]}
-    for name, kw in (("cm", {}), ("cm_paper", {"single": "keep"}), ("cm_soft", {"form": "soft"})):
-        variant = CM(base, chooser, bank=cm.bank_, **kw).fit(samples, fit_base=False)
-        preds[name] = [p.label for p in variant.predict(test.texts)]
+    for v in ("cm", "cm_paper", "cm_soft"):
+        variant = build(f"{a.method}+{v}", labels=ds.labels, llm=cached, decoding=dec, bank=cm.bank_, base=base)
+        preds[v] = [p.label for p in variant.fit(samples).predict(test.texts)]
 
     t0 = time.perf_counter()
     lora_llm = lora_finetune(samples, a.epochs, a.lr, a.seed)
     lora_adapt = time.perf_counter() - t0
-    preds["lora"] = [p.label for p in build_method("zero_shot", lora_llm, ds.labels, dec).predict(test.texts)]
+    preds["lora"] = [p.label for p in build("zero_shot", labels=ds.labels, llm=lora_llm, decoding=dec).predict(test.texts)]
 
     gold = test.targets
     scored = {k: {"accuracy": accuracy(gold, v), "ci95": bootstrap_ci(gold, v)} for k, v in preds.items()}

@@ -12,29 +12,25 @@ import time
 from pathlib import Path
 
 from cm_core.backends import make_backend
-from cm_core.cm import CM
 from cm_core.data import load_dataset, split_dataset
 from cm_core.embeddings import get_embedder
 from cm_core.evaluate import run_evaluation
 from cm_core.methods import Decoding
-from cm_core.registry import build_method
+from cm_core.registry import build
 
 
 def decoding(seed: int) -> Decoding:
-    """The CLI's and the report grid's defaults (labels scored as replies, not listed in the prompt), so the
-    answers at fraction 0.05 are those of the reports."""
-    return Decoding(seed=seed, list_labels=False)
+    """The library's one default (labels scored as replies, not listed in the prompt), as the CLI and the report
+    grid use it, so the answers at fraction 0.05 are those of the reports."""
+    return Decoding(seed=seed)
 
 
 def adaptation_seconds(name: str, llm, labels, samples, seed: int) -> float:
     """Wall time of fitting on one user's samples with nothing cached (embeddings and LLM answers recomputed)."""
     get_embedder()._memo.clear()
-    base = build_method(name.split("+")[0], llm, labels, decoding(seed))
+    method = build(name, labels=labels, llm=llm, decoding=decoding(seed), seed=seed)
     t0 = time.perf_counter()
-    if "+cm" in name:
-        CM(base, temperature=0.7, seed=seed).fit(samples)
-    else:
-        base.fit(samples)
+    method.fit(samples)
     return time.perf_counter() - t0
 
 

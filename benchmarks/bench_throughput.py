@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 from cm_core.backends import make_backend
-from cm_core.cm import CM
 from cm_core.data import load_dataset, split_dataset
 from cm_core.methods import Decoding
-from cm_core.registry import build_chooser, build_method
+from cm_core.cm import estimate_bank
+from cm_core.registry import build
 
 
 def main() -> None:
@@ -36,16 +36,16 @@ def main() -> None:
     for dname in a.datasets.split(","):
         ds = load_dataset(dname)
         split = split_dataset(ds, pref_fraction=a.pref_fraction, n_test=a.n_test, seed=a.seed)
-        dec = Decoding(seed=a.seed, list_labels=False)
-        bank = CM(build_method(a.method, cached, ds.labels, dec), temperature=0.7, seed=a.seed) \
-            .fit(split.preference.examples).bank_
-        base = build_method(a.method, fresh, ds.labels, dec).fit(split.preference.examples)
+        dec = Decoding(seed=a.seed)
+        pref = split.preference.examples
+        bank = estimate_bank(build(a.method, labels=ds.labels, llm=cached, decoding=dec).fit(pref), pref, 0.7, a.seed)
+        base = build(a.method, labels=ds.labels, llm=fresh, decoding=dec).fit(pref)
         texts = split.test.texts
         base.predict(texts[:1])  # warm-up, and the content-free calibration call (computed once per label set)
         variants = {"base": base}
-        for form in ("hard", "soft"):  # fitting with a given bank only prepares the choices (adaptation, untimed)
-            cm = CM(base, build_chooser(a.method, base, fresh, ds.labels, dec), form=form, bank=bank)
-            variants[f"cm_{form}"] = cm.fit(split.preference.examples, fit_base=False)
+        for form, suffix in (("hard", "+cm"), ("soft", "+cm_soft")):  # fitting with a given bank only prepares
+            cm = build(a.method + suffix, labels=ds.labels, llm=fresh, decoding=dec, bank=bank, base=base)
+            variants[f"cm_{form}"] = cm.fit(pref)  # the choices (adaptation, untimed)
         # interleaved repeats, the fastest of each kept: a pass is ~25 s here, and another process waking up
         # for a few seconds would otherwise decide the ratio
         best: dict[str, float] = {}

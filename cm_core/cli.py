@@ -7,14 +7,14 @@ import logging
 import sys
 from pathlib import Path
 
+from . import registry
 from .backends import DEFAULT_CACHE_DIR, make_backend
 from .bank import MemoryBank
-from .cm import CM
-from .data import load_dataset, load_file, split_dataset
+from .cm import estimate_bank
+from .data import Split, load_dataset, load_file, split_dataset
 from .errors import CMError, run_command
 from .evaluate import run_evaluation
 from .methods import Decoding
-from .registry import ALL_METHODS, CM_VARIANTS, build_chooser, build_method, split_method_name
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -25,8 +25,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoding", choices=["score", "generate"], default="score",
                    help="score: rank labels by log-probability; generate: the paper's text protocol")
     p.add_argument("--no-calibrate", action="store_true", help="do not calibrate scores on a content-free input")
-    p.add_argument("--list-labels", action="store_true",
-                   help="show all candidate labels in the prompt (the paper's prompt; slower on CPU)")
+    p.add_argument("--list-labels", action=argparse.BooleanOptionalAction, default=None,
+                   help="show all candidate labels in the prompt (the paper's prompt; slower on CPU). Default: only "
+                        "when the model must write a label itself (generation)")
     p.add_argument("--seed", type=int, default=40)
     p.add_argument("--concurrency", type=int, default=8,
                    help="requests in flight at once (openai backends; e.g. 64 against a vLLM server)")
@@ -51,6 +52,11 @@ def _dataset(a, path_or_name: str):
                         **({"label_column": a.label_column} if a.label_column else {}))
 
 
+def _backend_for(a, names) -> object | None:
+    """The LLM backend, built only when one of the methods needs it (after every name was checked)."""
+    return _backend(a) if any(registry.needs_llm(n) for n in names) else None
+
+
 def cmd_estimate(a) -> dict:
     ds = _dataset(a, a.dataset)
     if a.all_samples:
@@ -58,12 +64,12 @@ def cmd_estimate(a) -> dict:
     else:
         samples = split_dataset(ds, pref_fraction=a.pref_fraction, pref_count=a.pref_count, seed=a.seed,
                                 stratified=a.stratified).preference.examples
-    llm = _backend(a) if a.method not in ("label_similarity", "knn", "logreg") else None
-    base = build_method(a.method, llm, ds.labels, _decoding(a))
-    cm = CM(base, temperature=a.temperature, seed=a.seed).fit(samples)
-    cm.bank_.meta.update({"dataset": ds.name, "labels": ds.labels})
-    cm.bank_.to_json(a.output)
-    stats = cm.bank_.stats()
+    llm = _backend_for(a, [a.method])
+    base = registry.build(a.method, labels=ds.labels, llm=llm, decoding=_decoding(a)).fit(samples)
+    bank = estimate_bank(base, samples, a.temperature, a.seed)
+    bank.meta.update({"dataset": ds.name, "labels": ds.labels})
+    bank.to_json(a.output)
+    stats = bank.stats()
     print(json.dumps({"output": a.output, **stats}, indent=2))
     return stats
 
@@ -86,16 +92,14 @@ def cmd_predict(a) -> list[dict]:
         labels = _dataset(a, a.dataset).labels
     if not labels:
         raise CMError("no label set: pass --dataset (a file or name) or use a bank written by `estimate`")
-    base_name, variant = split_method_name(a.method if "+" in a.method else a.method + "+cm")
-    form, single = CM_VARIANTS[variant]
-    llm = _backend(a) if base_name not in ("label_similarity", "knn", "logreg") else None
-    base = build_method(base_name, llm, labels, _decoding(a))
+    name = a.method if registry.split_method_name(a.method)[1] else a.method + "+cm"
+    samples = []
     if a.samples:
-        base.fit(load_file(a.samples, text_column=a.text_column, label_column=a.label_column).examples)
-    elif base_name in ("few_shot", "few_shot_fixed", "cot", "self_consistency", "knn", "logreg"):
-        raise CMError(f"{base_name} needs the preference samples: pass --samples FILE")
-    cm = CM(base, build_chooser(base_name, base, llm, labels, _decoding(a)), form=form, single=single, bank=bank)
-    cm.bank_ = bank
+        samples = load_file(a.samples, text_column=a.text_column, label_column=a.label_column).examples
+    elif registry.needs_samples(name, bank_given=True):
+        raise CMError(f"{registry.split_method_name(name)[0]} needs the preference samples: pass --samples FILE")
+    cm = registry.build(name, labels=labels, llm=_backend_for(a, [name]), decoding=_decoding(a), bank=bank)
+    cm.fit(samples)
     queries = _read_queries(a.input, a.text_column)
     rows = [{"text": q, "base": p.info.get("base"), "answer": p.label, "action": p.info.get("action"),
              "candidates": p.info.get("candidates")} for q, p in zip(queries, cm.predict(queries))]
@@ -111,13 +115,18 @@ def cmd_evaluate(a) -> dict:
     ds = _dataset(a, a.dataset)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     for m in methods:
-        split_method_name(m)  # fail fast on a typo, before loading any model
-    needs_llm = any(split_method_name(m)[0] not in ("label_similarity", "knn", "logreg") for m in methods)
-    llm = _backend(a) if needs_llm else None
+        registry.split_method_name(m)  # fail fast on a typo, before loading any model
+    split = None
+    if a.test_file:  # the preference samples come from --dataset, the test rows from this file
+        test = load_file(a.test_file, text_column=a.text_column, label_column=a.label_column, labels=ds.labels)
+        pref = ds if a.pref_count is None and a.pref_fraction >= 1 else split_dataset(
+            ds, pref_fraction=a.pref_fraction, pref_count=a.pref_count, seed=a.seed, test_fraction=0.0).preference
+        split = Split(pref, test if a.n_test is None else test.subset(test.examples[:a.n_test], "test"), a.seed)
     bank = MemoryBank.from_json(Path(a.bank)) if a.bank else None
+    llm = _backend_for(a, methods)
     res = run_evaluation(ds, llm, methods, pref_fraction=a.pref_fraction, pref_count=a.pref_count,
                          n_test=a.n_test, seed=a.seed, stratified=a.stratified, bank_temperature=a.temperature,
-                         decoding=_decoding(a), bank=bank)
+                         decoding=_decoding(a), bank=bank, split=split, test_fraction=a.test_fraction)
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     Path(a.output).write_text(json.dumps(res, indent=1, ensure_ascii=False), encoding="utf-8")
     print(f"{'method':28s} {'acc':>6s} {'95% CI':>15s} {'macroF1':>8s} {'p':>7s}")
@@ -140,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("estimate", help="estimate a memory bank from preference samples")
     _common(e)
     e.add_argument("--dataset", required=True, help="file (jsonl/csv) or dataset name")
-    e.add_argument("--method", default="zero_shot", choices=ALL_METHODS)
+    e.add_argument("--method", default="zero_shot", choices=registry.ALL_METHODS)
     e.add_argument("--all-samples", action="store_true", help="use every row as a preference sample (your own file)")
     e.add_argument("--pref-fraction", type=float, default=0.05)
     e.add_argument("--pref-count", type=int, default=None)
@@ -162,12 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("evaluate", help="evaluate methods and their CM variants on a dataset")
     _common(v)
     v.add_argument("--dataset", required=True, help="banking77, clinc, massive_scenario, mtop_intent, stackexchange "
-                   "(from CM_DATA_DIR or ../shared/datasets, else the hub) or a file")
+                   "(shipped in data/), another hub dataset, or a file")
     v.add_argument("--methods", default="zero_shot,label_similarity,knn,logreg",
                    help="comma-separated; a base name also runs its +cm variant; add +cm_paper / +cm_soft explicitly")
     v.add_argument("--pref-fraction", type=float, default=0.05)
     v.add_argument("--pref-count", type=int, default=None)
-    v.add_argument("--n-test", type=int, default=200)
+    v.add_argument("--n-test", type=int, default=200, help="at most this many test rows")
+    v.add_argument("--test-fraction", type=float, default=0.5,
+                   help="share of --dataset's rows held out as the test set (default 0.5, as the paper)")
+    v.add_argument("--test-file", default=None,
+                   help="labelled test rows from this file instead; --dataset then gives only preference samples "
+                        "(all of them with --pref-fraction 1)")
     v.add_argument("--stratified", action="store_true")
     v.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for the memory bank")
     v.add_argument("--bank", default=None, help="use this saved bank instead of estimating one")

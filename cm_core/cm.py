@@ -1,4 +1,5 @@
-"""Consistent Marginalization as an estimator: ``CM(base).fit(preference_samples).predict(queries)``.
+"""Consistent Marginalization as an estimator over a base method: ``fit(preference_samples)``, ``predict(queries)``.
+Build one by name with :func:`cm_core.registry.build` (``"zero_shot+cm"``), which picks the chooser and variant.
 
 ``fit`` runs the base method on the preference samples (one answer each, sampled at ``temperature``) and
 counts (base answer -> user's label) in ``bank_``. ``predict`` marginalizes the base method's answers through the

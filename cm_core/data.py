@@ -334,10 +334,14 @@ def split_dataset(ds: Dataset, *, pref_fraction: float | None = 0.05, pref_count
     """
     if len(ds) < 2:
         raise DataError(f"dataset {ds.name} has {len(ds)} rows; need at least 2 to split")
+    if not 0 <= test_fraction < 1:
+        raise DataError(f"test_fraction must be in [0, 1), got {test_fraction}")
     rng = random.Random(seed)
     idx = list(range(len(ds)))
     rng.shuffle(idx)
-    n_half = max(1, int(round(test_fraction * len(ds))))
+    n_half = int(round(test_fraction * len(ds)))
+    if test_fraction > 0:
+        n_half = max(1, n_half)
     test_rows = [ds.examples[i] for i in idx[:n_half]]
     rest = [ds.examples[i] for i in idx[n_half:]]
     if n_test is not None:

@@ -16,7 +16,7 @@ from .backends.base import LLM
 from .bank import MemoryBank
 from . import registry
 from .cm import estimate_bank
-from .data import Dataset, split_dataset
+from .data import Dataset, Split, split_dataset
 from .methods import Decoding, Prediction
 
 RESULTS_VERSION = 1
@@ -130,17 +130,20 @@ def cm_actions(preds: Sequence[Prediction]) -> dict[str, Any]:
 def run_evaluation(dataset: Dataset, llm: LLM | None, methods: Sequence[str], *, pref_fraction: float | None = 0.05,
                    pref_count: int | None = None, n_test: int | None = 200, seed: int = 40,
                    stratified: bool = False, bank_temperature: float = 0.7, decoding: Decoding | None = None,
-                   n_boot: int = 1000, bank: MemoryBank | None = None, progress=None) -> dict[str, Any]:
+                   n_boot: int = 1000, bank: MemoryBank | None = None, split: Split | None = None,
+                   test_fraction: float = 0.5, progress=None) -> dict[str, Any]:
     """Split, fit every base method on the preference samples and predict the test split; estimate its memory bank
     once (or use ``bank``, then the same bank for every base method) and predict with each of its CM variants.
 
     ``methods`` names base methods ("zero_shot"), CM variants ("zero_shot+cm", "+cm_paper", "+cm_soft") or both;
-    naming a base alone also evaluates its "+cm" variant. Returns the results JSON (see README).
+    naming a base alone also evaluates its "+cm" variant. ``split`` gives the preference samples and test rows
+    explicitly (e.g. a separate test file) instead of splitting ``dataset``. Returns the results JSON (see README).
     """
     t_start = time.time()
     decoding = decoding or Decoding(seed=seed)
-    split = split_dataset(dataset, pref_fraction=pref_fraction, pref_count=pref_count, n_test=n_test, seed=seed,
-                          stratified=stratified)
+    if split is None:
+        split = split_dataset(dataset, pref_fraction=pref_fraction, pref_count=pref_count, n_test=n_test, seed=seed,
+                              stratified=stratified, test_fraction=test_fraction)
     pref, test = split.preference.examples, split.test
     todo = registry.plan(methods)
     n_steps, step = sum(1 + len(v) for v in todo.values()), 0
@@ -188,6 +191,7 @@ def run_evaluation(dataset: Dataset, llm: LLM | None, methods: Sequence[str], *,
     config = {"dataset": dataset.name, "source": dataset.source, "n_labels": len(dataset.labels),
               "model": llm.identity() if llm is not None else None, "methods": list(methods),
               "pref_fraction": pref_fraction, "pref_count": len(pref), "n_test": len(test), "seed": seed,
+              "test_source": test.source if test.source != dataset.source else None,
               "stratified": stratified, "bank_temperature": bank_temperature, "bank_given": bank is not None,
               "decoding": asdict(decoding), "scoring": scoring_mode(llm, decoding)}
     calls = asdict(llm.stats) if llm is not None else {}

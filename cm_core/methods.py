@@ -15,7 +15,6 @@ runs ``score`` as constrained choice by generation (k samples, their vote as p(Å
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import re
