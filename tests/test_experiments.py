@@ -1,4 +1,5 @@
-"""The report notebooks and the grid runner (cm_core.experiments, cm_core.report).
+"""The report notebooks and the grid runner (cm_core.experiments: notebook_api, fingerprint, grid, index_page;
+cm_core.report).
 
 The end-to-end test executes the tiny CI grid (notebooks/grids/ci.json: the embedded model, two datasets, 15 test
 queries) with papermill into tmp_path, from a working directory outside the repository, and checks that the HTML
@@ -20,6 +21,7 @@ import pytest
 
 from cm_core import experiments, report
 from cm_core.errors import CMError
+from cm_core.experiments import fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 GRIDS = REPO / "notebooks" / "grids"
@@ -112,9 +114,84 @@ def test_results_reuse_needs_the_same_request(tmp_path):
     req = experiments.make_request(**kw)
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"request": req, "results": {}, "run": {}}))
-    assert experiments._load_reusable(path, req)["run"]["reused_from"] == str(path)
-    assert experiments._load_reusable(path, experiments.make_request(**{**kw, "seed": 2})) is None
-    assert experiments._load_reusable(tmp_path / "missing.json", req) is None
+    assert experiments.load_reusable(path, req)["run"]["reused_from"] == str(path)
+    assert experiments.load_reusable(path, experiments.make_request(**{**kw, "seed": 2})) is None
+    assert experiments.load_reusable(path, experiments.make_request(**{**kw, "list_labels": None})) is None
+    assert experiments.load_reusable(tmp_path / "missing.json", req) is None
+    assert experiments.make_request(dataset="x", methods="knn, logreg")["methods"] == ["knn", "logreg"]
+    assert experiments.make_request(dataset="x", pref_count=8)["pref_fraction"] is None  # the count wins
+    for bad, message in (({"methods": ["nope"]}, "unknown method"), ({"decoding": "beam"}, "decoding"),
+                         ({"list_labels": "yes"}, "list_labels"), ({"methods": ""}, "no methods")):
+        with pytest.raises(CMError, match=message):
+            experiments.make_request(dataset="x", **bad)
+
+
+def test_grid_list_labels_defaults_to_auto_and_is_checked():
+    g = experiments.check_grid({"datasets": ["banking77"]})
+    assert g["list_labels"] is None and experiments.expand_grid(g)[0]["params"]["list_labels"] is None
+    assert experiments.check_grid({"datasets": ["banking77"], "list_labels": False})["list_labels"] is False
+    for bad in ({"list_labels": 1}, {"calibrate": "no"}, {"decoding": "beam"}, {"bank_method": "knn+cm"}):
+        with pytest.raises(CMError):
+            experiments.check_grid({"datasets": ["banking77"], **bad})
+
+
+def test_fingerprint_covers_the_library_and_the_stamp_the_presentation(tmp_path, monkeypatch):
+    """Results are recomputed after a change of the library only; notebooks run again after any change that
+    shapes a report (this package and its template, report.py, the notebooks)."""
+    lib, nbs = tmp_path / "cm_core", tmp_path / "notebooks"
+    files = ["methods.py", "backends/hf.py", "report.py", "cli.py", "__main__.py", "experiments/grid.py",
+             "experiments/templates/index.html.j2"]
+    for f in files:
+        (lib / f).parent.mkdir(parents=True, exist_ok=True)
+        (lib / f).write_text("x = 1\n")
+    nbs.mkdir()
+    for name in experiments.NOTEBOOKS:
+        (nbs / f"{name}.ipynb").write_text("{}")
+    monkeypatch.setattr(fingerprint, "LIBRARY", lib)
+    monkeypatch.setattr(fingerprint, "PACKAGE", lib / "experiments")
+    monkeypatch.setattr(fingerprint, "PRESENTATION", (lib / "report.py", lib / "cli.py", lib / "__main__.py"))
+    params = {"dataset": "x", "seed": 1, "cache_dir": "/somewhere", "reuse": True}
+
+    def hashes():
+        return fingerprint.code_fingerprint(), fingerprint.run_stamp(params, nbs)
+
+    for f in [*files, "../notebooks/bank.ipynb"]:
+        code, stamp = hashes()
+        (lib / f).write_text((lib / f).read_text() + "# edited\n")
+        code2, stamp2 = hashes()
+        assert (code2 != code) == (f in ("methods.py", "backends/hf.py")), f
+        assert (stamp2 != stamp) == (f not in ("cli.py", "__main__.py")), f  # the command lines shape neither
+    code, stamp = hashes()
+    assert fingerprint.run_stamp({**params, "cache_dir": "/elsewhere", "reuse": False}, nbs) == stamp
+    assert fingerprint.run_stamp({**params, "seed": 2}, nbs) != stamp
+    (lib / "experiments" / "__pycache__").mkdir()
+    (lib / "experiments" / "__pycache__" / "grid.cpython-311.pyc").write_bytes(b"compiled")
+    assert hashes() == (code, stamp)  # byte code is no source
+
+
+def test_inspect_bank_without_results_is_the_evaluations_bank(tmp_path, monkeypatch):
+    """No results JSON: inspect_bank runs the same evaluation for its base method alone and shows the bank that
+    evaluation's CM variants use, on the same split (and writes nothing to results_path)."""
+    monkeypatch.setattr(experiments.notebook_api, "code_fingerprint", lambda: "fixed")  # others may edit cm_core
+    kw = dict(dataset="massive_scenario", pref_count=12, n_test=6, seed=3, methods=["label_similarity", "knn"],
+              cache_dir=tmp_path / "cache")
+    path = tmp_path / "results.json"
+    res = experiments.evaluate_run(**kw, results_path=path)
+    assert set(res["banks"]) == {"label_similarity", "knn"}
+    for method in ("knn", "label_similarity"):
+        alone = experiments.inspect_bank(**kw, bank_method=method)
+        assert alone["source"] == "evaluated" and alone["config"]["methods"] == [method]
+        assert alone["bank"]["counts"] == res["banks"][method]["bank"]["counts"], method
+        assert alone["stats"] == res["banks"][method]["stats"]
+        assert alone["test_pairs"] == [[b, g] for b, g in zip(res["predictions"][method], res["gold"])]
+        assert alone["config"]["pref_count"] == 12 and alone["config"]["n_test"] == 6
+        reused = experiments.inspect_bank(**kw, bank_method=method, results_path=path)
+        assert reused["source"] == "results" and reused["run"]["reused_from"] == str(path)
+        assert {k: reused[k] for k in ("bank", "stats", "coverage", "test_pairs")} == \
+               {k: alone[k] for k in ("bank", "stats", "coverage", "test_pairs")}
+    assert json.loads(path.read_text())["config"]["methods"] == ["label_similarity", "knn"]  # not overwritten
+    assert experiments.inspect_bank(**kw, results_path=path)["method"] == "label_similarity"  # no LLM method
+    assert experiments.default_bank_method(["knn", "zero_shot_knn+cm_soft", "zero_shot"]) == "zero_shot_knn"
 
 
 def test_a_failing_run_keeps_its_notebook_and_is_reported(tmp_path, capsys, monkeypatch):
@@ -217,6 +294,25 @@ def test_significant_cm_gains_are_bold_and_fractions_are_plotted():
                                                     "status": "failed", "error": "DataError: boom", "html": {},
                                                     "notebooks": {}}])
     assert "data:image/png;base64" in page and "DataError: boom" in page and "m_toy_0.02_evaluate.html" in page
+
+
+def test_index_page_escapes_what_comes_from_files():
+    """Grid names, descriptions, run ids, hrefs and error messages are text, never markup, on index.html."""
+    hostile = "<script>alert('x')</script>"
+    grid = experiments.check_grid({"name": hostile, "description": "<img src=x onerror=alert(1)>",
+                                   "datasets": [hostile], "models": [hostile], "pref_counts": [4]})
+    res = fake_results(dataset=hostile)
+    runs = [{"id": hostile + "ok", "model": hostile, "dataset": hostile, "pref_mode": "count", "pref": hostile,
+             "results": res, "html": {"evaluate": "a'onmouseover='alert(1).html"}, "notebooks": {}, "status": "ok"},
+            {"id": hostile, "model": hostile, "dataset": hostile, "pref": hostile, "status": "failed",
+             "error": f"ValueError: {hostile}", "html": {}, "notebooks": {}}]
+    page = experiments.render_index(grid, runs, grid_source=hostile)
+    assert "<script" not in page.lower() and "<img src=x" not in page
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; · CM results" in page  # the title, escaped
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page and f"ValueError: {html.escape(hostile)}".replace(
+        "&#x27;", "&#39;") in page
+    assert "href='a&#39;onmouseover=&#39;alert(1).html'" in page  # the quote cannot end the attribute
+    assert "<table class='paper'>" in page and "1 of 2 runs finished" in page  # report's own HTML is kept
 
 
 def test_discrepancy_matrix_is_top_n_and_diagonal_first():

