@@ -215,6 +215,48 @@ def load_file(path: str | os.PathLike, *, text_column: str | None = None, label_
     return Dataset(name, examples, sorted(labels) if labels else [], source)
 
 
+TEXT_HINTS = ("text", "input", "query", "utterance", "sentence", "question", "message")
+LABEL_HINTS = ("label", "my_label", "labels", "intent", "category", "class", "tag", "scenario")
+
+
+def guess_columns(text: str, source: str = "<text>", columns: Sequence[str] | None = None, *,
+                  max_rows: int = 200) -> tuple[str | None, str | None]:
+    """(text column, label column) of a user's CSV/TSV/JSONL: a column with a usual name (:data:`TEXT_HINTS`,
+    :data:`LABEL_HINTS`, case-insensitive), else for the text the column with the longest values and for the
+    label the remaining column with the fewest distinct values (over the first ``max_rows`` rows). None where
+    there is nothing to pick; never raises on malformed rows (it falls back to the first two columns)."""
+    cols = [str(c) for c in (columns if columns is not None else _columns_or_empty(text, source)) if c is not None]
+    low = {c.lower(): c for c in cols}
+    text_col = next((low[h] for h in TEXT_HINTS if h in low), None)
+    label_col = next((low[h] for h in LABEL_HINTS if h in low and low[h] != text_col), None)
+    if text_col and label_col:
+        return text_col, label_col
+    try:
+        fmt = sniff_format(source, text)
+        records = _records_jsonl(text, source) if fmt == "jsonl" else _records_csv(
+            text, source, "\t" if fmt == "tsv" else ",")
+        rows = [rec for _, (_line, rec) in zip(range(max_rows), records)]
+    except DataError:
+        rows = []
+    if not rows:
+        return text_col or (cols[0] if cols else None), label_col or (cols[1] if len(cols) > 1 else None)
+    avg_len = {c: sum(len(str(r.get(c) or "")) for r in rows) / len(rows) for c in cols}
+    distinct = {c: len({str(r.get(c)) for r in rows}) for c in cols}
+    if text_col is None and cols:
+        text_col = max(cols, key=lambda c: avg_len[c])
+    if label_col is None:
+        rest = [c for c in cols if c != text_col and distinct[c] > 1] or [c for c in cols if c != text_col]
+        label_col = min(rest, key=lambda c: distinct[c]) if rest else None
+    return text_col, label_col
+
+
+def _columns_or_empty(text: str, source: str) -> list[str]:
+    try:
+        return columns_of(text, source)
+    except DataError:
+        return []
+
+
 # --------------------------------------------------------------------------- public datasets
 
 # Hub copies of the paper's datasets. label_map turns the hub's label into ClusterLLM's wording.

@@ -25,13 +25,13 @@ def serve(cache_dir: str | os.PathLike) -> Iterator[str]:
     """Launch a fresh app on 127.0.0.1 (response cache in ``cache_dir``); yield its URL; close it afterwards."""
     old = os.environ.get("CM_DEMO_CACHE_DIR")
     os.environ["CM_DEMO_CACHE_DIR"] = str(cache_dir)
-    from demo import app
+    from demo import app, deploy
 
     # One torch thread unless told otherwise: test machines are often shared, where 2 threads crawl.
-    old_threads = app.set_torch_threads(os.environ.get("CM_DEMO_TORCH_THREADS") or 1)
+    old_threads = deploy.set_torch_threads(os.environ.get("CM_DEMO_TORCH_THREADS") or 1)
     blocks = app.build_demo()
     port = free_port()
-    kw = {**app.launch_kwargs(), "server_name": "127.0.0.1", "server_port": port}
+    kw = {**deploy.launch_kwargs(), "server_name": "127.0.0.1", "server_port": port}
     blocks.launch(prevent_thread_lock=True, quiet=True, **kw)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -48,7 +48,7 @@ def serve(cache_dir: str | os.PathLike) -> Iterator[str]:
     finally:
         blocks.close()
         if old_threads is not None:
-            app.set_torch_threads(old_threads)
+            deploy.set_torch_threads(old_threads)
         if old is None:
             os.environ.pop("CM_DEMO_CACHE_DIR", None)
         else:

@@ -58,13 +58,15 @@ def test_upload_build_ask_in_browser(browser, url, tmp_path):
     expect(page.locator("#data-status")).to_contain_text("60 rows", timeout=60_000)
     assert _value(page, "text-col") == "utterance" and _value(page, "label-col") == "my_label"
 
-    # 2. a fifth of the rows as preference samples (16: quick on CPU), then build
+    # 2. a fifth of the rows as preference samples (12: quick on CPU), then build
     fraction = page.locator("#pref-fraction input[type=number]")
     fraction.fill("0.2")
     fraction.press("Enter")
     page.locator("#build-btn").click()
     expect(page.locator("#bank-status")).to_contain_text("Memory bank built", timeout=600_000)
-    expect(page.locator("#bank-status")).to_contain_text("16 samples")
+    expect(page.locator("#bank-status")).to_contain_text("12 samples")
+    expect(page.locator("#bank-status")).to_contain_text(  # the command line that repeats this bank
+        "python -m cm_core evaluate --dataset demo/examples/my_labels_samples.csv --test-file held_out.csv")
     page.get_by_text("model answer (response)").first.wait_for()
 
     # 3. ask; both answers appear, each one of the user's labels

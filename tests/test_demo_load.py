@@ -155,8 +155,8 @@ def test_concurrent_sessions_keep_their_own_banks(url, fake_openai, tmp_path, mo
             tcol, lcol, status, preview = timed("load_samples", c.predict, handle_file(str(path)), "",
                                                 api_name="/load_samples")
             assert (tcol["value"], lcol["value"]) == ("utterance", "my_label"), (tcol, lcol)
-            table, _plot, bank_dl, bank_status = timed("build_bank", c.predict, "utterance", "my_label", *backend,
-                                                       "zero_shot", 1.0, 0.7, api_name="/build_bank")
+            table, _plot, bank_dl, _held, bank_status = timed("build_bank", c.predict, "utterance", "my_label",
+                                                              *backend, "zero_shot", 1.0, 0.7, api_name="/build_bank")
             bank = json.loads(Path(bank_dl).read_text(encoding="utf-8"))
             answers = {}
             for q, want in queries.items():

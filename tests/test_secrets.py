@@ -198,9 +198,8 @@ def test_demo_never_writes_the_key(demo_url, fake_openai, tmp_path, caplog, capf
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
-    from demo import app
-    from cm_core.evaluate import summarize
-    monkeypatch.setattr(app, "summarize", lambda g, p, n_boot=1000, seed=0: summarize(g, p, 50, seed))  # faster CIs
+    from demo import handlers
+    monkeypatch.setattr(handlers, "N_BOOT", 50)  # faster CIs
     caplog.set_level(logging.DEBUG)
     t0 = time.time()
     server = fake_openai(responder)
@@ -208,15 +207,15 @@ def test_demo_never_writes_the_key(demo_url, fake_openai, tmp_path, caplog, capf
     c = Client(demo_url, verbose=False)
     returned = []
     returned.append(c.predict(handle_file(str(_csv(tmp_path / "samples.csv"))), "", api_name="/load_samples"))
-    table, plot, bank_dl, status = c.predict("text", "label", *backend, "zero_shot", 0.75, 0.7,
-                                             api_name="/build_bank")
-    returned.append((table, status))
+    table, plot, bank_dl, held_dl, status = c.predict("text", "label", *backend, "zero_shot", 0.75, 0.7,
+                                                      api_name="/build_bank")
+    returned.append((table, status))  # the status shows a command line: it names OPENAI_API_KEY, never the key
     bank = json.loads(Path(bank_dl).read_text(encoding="utf-8"))
     assert bank["meta"]["model"]["kind"] == "openai" and set(bank["meta"]["labels"]) == set(LABELS)
     returned.append(c.predict("my cat is sick", *backend, api_name="/ask"))
     ev_table, ev_md, per_row = c.predict(None, "text", "label", *backend, api_name="/evaluate")
     returned.append((ev_table, ev_md))
-    returned.append(c.predict(handle_file(bank_dl), "text", "label", api_name="/upload_bank")[::3])
+    returned.append(c.predict(handle_file(bank_dl), "text", "label", api_name="/upload_bank")[::4])
     # A server that echoes the key in its 401: the message shown in the app does not carry it.
     bad = fake_openai(status=401)
     with pytest.raises(AppError) as err:
@@ -229,13 +228,15 @@ def test_demo_never_writes_the_key(demo_url, fake_openai, tmp_path, caplog, capf
     assert set(server.auth_headers) == {f"Bearer {KEY}"}  # the key field's key did reach the server
     assert bad.auth_headers and set(bad.auth_headers) == {f"Bearer {KEY}"}
     n_cache, cache_bytes = tree_bytes(tmp_path / "demo_cache")
-    n_tmp, tmp_bytes = tree_bytes(tmp_path / "gradio_tmp", Path(app._OUT_DIR))
+    n_tmp, tmp_bytes = tree_bytes(tmp_path / "gradio_tmp", Path(handlers._OUT_DIR))
     from gradio.utils import get_upload_folder
     n_up, up_bytes = tree_bytes(Path(os.environ.get("GRADIO_TEMP_DIR") or get_upload_folder()),
                                 Path(get_upload_folder()), since=t0)
-    assert n_cache >= 1 and n_tmp >= 2  # the cache and the downloads were written where we look
+    assert n_cache >= 1 and n_tmp >= 3  # the cache and the downloads were written where we look
+    assert "OPENAI_API_KEY" in status and "OPENAI_API_KEY" in ev_md
     outputs = {"cache": cache_bytes, "demo temp files and downloads": tmp_bytes, "gradio uploads": up_bytes,
                "bank download": Path(bank_dl).read_bytes(), "per-row CSV": Path(per_row).read_bytes(),
+               "held-out rows": Path(held_dl).read_bytes(),
                "returned values": repr(returned), "logs": caplog.text, "stdout": out, "stderr": errout}
     found = {name: leaks(blob) for name, blob in outputs.items() if leaks(blob)}
     assert not found, found
@@ -243,17 +244,17 @@ def test_demo_never_writes_the_key(demo_url, fake_openai, tmp_path, caplog, capf
 
 def test_demo_session_state_holds_no_key(fake_openai, tmp_path, monkeypatch):
     """The handlers themselves: the state they return (kept per session by gradio) has no key in it."""
-    from demo import app
+    from demo import handlers
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setenv("CM_DEMO_CACHE_DIR", str(tmp_path / "cache"))
     server = fake_openai(responder)
     noop = lambda *a, **k: None  # noqa: E731
-    state, *_ = app.load_samples(str(_csv(tmp_path / "s.csv")), "", None)
-    state, *_ = app.build_bank("text", "label", "openai", "fake-model", server.base_url, KEY, "zero_shot", 0.75,
-                               0.7, state, progress=noop)
-    answers = app.ask("my cat is sick", "openai", "fake-model", server.base_url, KEY, state)
+    state, *_ = handlers.load_samples(str(_csv(tmp_path / "s.csv")), "", None)
+    state, *shown = handlers.build_bank("text", "label", "openai", "fake-model", server.base_url, KEY, "zero_shot",
+                                        0.75, 0.7, state, progress=noop)
+    answers = handlers.ask("my cat is sick", "openai", "fake-model", server.base_url, KEY, state)
     assert "bank" in state and answers[1] in LABELS
-    assert not leaks(json.dumps(state)) and not leaks(repr(answers))
+    assert not leaks(json.dumps(state)) and not leaks(repr(answers)) and not leaks(repr(shown))
     assert set(server.auth_headers) == {f"Bearer {KEY}"}
 
 
@@ -331,10 +332,14 @@ def test_model_weights_load_without_pickle_or_remote_code():
 
 
 def test_user_files_are_parsed_as_data_only():
-    """Uploads go through cm_core.data (csv / json) and MemoryBank.from_json (json); nothing else reads them."""
-    app_src = (REPO / "demo" / "app.py").read_text(encoding="utf-8")
-    readers = set(re.findall(r"\b(parse_examples|columns_of|MemoryBank\.from_json|json\.loads|csv\.\w+)\(", app_src))
-    assert readers <= {"parse_examples", "columns_of", "MemoryBank.from_json", "json.loads", "csv.DictReader"}
+    """Uploads go through cm_core.upload / cm_core.data (csv / json) and MemoryBank.from_json (json); nothing else
+    reads them."""
+    demo_src = "\n".join(p.read_text(encoding="utf-8") for p in sorted((REPO / "demo").glob("*.py")))
+    readers = set(re.findall(r"\b(parse_examples|columns_of|guess_columns|read_upload|decode_upload|"
+                             r"MemoryBank\.from_json|json\.loads?|csv\.\w+|open|read_bytes|read_text)\(", demo_src))
+    assert readers <= {"parse_examples", "columns_of", "guess_columns", "read_upload", "decode_upload",
+                       "MemoryBank.from_json", "read_text"}, readers
+    assert re.findall(r"(\w+)\.read_text\(", demo_src) == ["EXAMPLE_SAMPLES", "example"]  # the built-in files
     from cm_core.bank import MemoryBank
     from cm_core.errors import BankError
     import pickle
@@ -342,21 +347,33 @@ def test_user_files_are_parsed_as_data_only():
         MemoryBank.from_json(pickle.dumps({"a": ["x"]}).decode("latin-1"))
 
 
-def test_demo_limits_uploads_and_escapes_what_it_renders():
+def test_demo_limits_uploads_and_escapes_what_it_renders(tmp_path):
     """Complements test_demo.py: the server-side limit is set on launch, every handler is guarded, and user text
     reaches Markdown only through _md (HTML-escaped, Markdown-inert)."""
-    from demo import app
-    assert app.launch_kwargs()["max_file_size"] == f"{app.MAX_FILE_MB}mb" and app.MAX_FILE_MB <= 20
+    import gradio as gr
+
+    from cm_core.bank import MemoryBank
+    from cm_core.upload import read_upload
+    from demo import deploy, handlers
+    assert deploy.launch_kwargs()["max_file_size"] == f"{deploy.MAX_FILE_MB}mb" and deploy.MAX_FILE_MB <= 20
     for name in ("load_samples", "load_example", "build_bank", "upload_bank", "ask", "evaluate_batch"):
-        assert getattr(getattr(app, name), "__wrapped__", None) is not None, f"{name} is not guarded"
+        assert getattr(getattr(handlers, name), "__wrapped__", None) is not None, f"{name} is not guarded"
     hostile = '<script>alert(1)</script> <img src=x onerror=alert(2)> [x](javascript:alert(3)) **b**'
-    md = app._md(hostile)
+    md = deploy.md(hostile)
     assert "<" not in md and ">" not in md and "](" not in md and "**" not in md
-    bank = app.MemoryBank.from_pairs([(hostile, "x"), ("y", hostile)], meta={"model": {"kind": "<b>k</b>",
-                                                                                      "model": hostile}})
-    status = app.bank_status(bank, {"labels": ["x", hostile]}, 1.0, "built")
+    bank = MemoryBank.from_pairs([(hostile, "x"), ("y", hostile)], meta={"model": {"kind": "<b>k</b>",
+                                                                                  "model": hostile}})
+    status = handlers.bank_status(bank, {"labels": ["x", hostile]}, 1.0, "built")
     assert "<script" not in status and "<img" not in status and "<b>" not in status
-    # a hostile file name in an error message
-    with pytest.raises(app.UserError) as ei:
-        app._decode(b"", "<img src=x onerror=alert(1)>.csv")
-    assert "<img" not in str(ei.value)
+    # a hostile file name in an error message: the library says it as it is, the page escapes it
+    hostile_file = tmp_path / "<img src=x onerror=alert(1)>.csv"
+    hostile_file.write_bytes(b"")
+    with pytest.raises(Exception, match="is empty") as ei:
+        read_upload(hostile_file, deploy.MAX_FILE_BYTES)
+    with pytest.raises(gr.Error) as ei:
+        handlers.load_samples(str(hostile_file), "", None)
+    assert "is empty" in str(ei.value) and "<img" not in str(ei.value) and "&lt;img" in str(ei.value)
+    big = tmp_path / "big.csv"  # the page's own limit, even if the server's max_file_size were lifted
+    big.write_bytes(b"a" * (deploy.MAX_FILE_BYTES + 1))
+    with pytest.raises(gr.Error, match="over 5 MB"):
+        handlers.load_samples(str(big), "", None)
