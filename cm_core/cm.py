@@ -36,7 +36,8 @@ def estimate_bank(base: Method, samples: Sequence[Example], temperature: float =
     llm = getattr(base, "llm", None)
     if llm is not None:
         meta["model"] = llm.identity()
-    return MemoryBank.from_pairs(zip(answers, (s.label for s in samples)), meta)
+    pairs = [(a, s.label) for a, s in zip(answers, samples) if a]  # "": a failed query is no evidence
+    return MemoryBank.from_pairs(pairs, meta)
 
 
 class CM(Method):

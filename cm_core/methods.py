@@ -28,7 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import prompts
-from .backends.base import LLM, GenRequest, ScoreRequest
+from .backends.base import LLM, GenRequest, ScoreRequest, failure
 from .data import Example
 
 log = logging.getLogger(__name__)
@@ -185,16 +185,13 @@ class LLMChooser:
     def __init__(self, llm: LLM, decoding: Decoding | None = None):
         self.llm = llm
         self.dec = decoding or Decoding()
-        self._warned = False
         self._calib_memo: dict[ScoreRequest, list] = {}  # content-free scores, one per (prompt, candidate set)
 
     @property
     def effective_mode(self) -> str:
         if self.dec.mode == "score" and not self.llm.supports_scores:
-            if not self._warned:
-                log.warning("%s gives no log-probabilities: scoring falls back to constrained choice by generation "
-                            "(%d samples, their vote is p(y|x))", self.llm.label, self.dec.n_votes)
-                self._warned = True
+            self.llm.warn_once(log, "%s gives no log-probabilities: scoring falls back to constrained choice by "
+                                    "generation (%d samples, their vote is p(y|x))", self.llm.label, self.dec.n_votes)
             return "vote"
         return self.dec.mode
 
@@ -208,7 +205,9 @@ class LLMChooser:
                calib_messages: list[list[dict]] | None = None, desc: str = "") -> list[Prediction]:
         mode = self.effective_mode
         preds: list[Prediction] = []
-        bs = self.dec.batch_size
+        # a backend that keeps a sliding window of requests in flight gets them all at once (one slow request then
+        # delays only itself); a local model computes a batch at a time
+        bs = max(1, len(messages)) if self.llm.streams_requests else self.dec.batch_size
         it = range(0, len(messages), bs)
         quiet = len(messages) <= bs or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")  # report runs
         for start in tqdm(it, desc=desc or f"{mode}", disable=quiet, leave=False):
@@ -264,7 +263,11 @@ class LLMChooser:
                 probs = {lab: counts.get(lab, 0) / len(texts) for lab in c}
             else:
                 label, probs = answers[0][0], None
-            out.append(Prediction(label, probs, {"raw": texts[0] if texts else "", "matched": bool(matched)}))
+            info = {"raw": str(texts[0]) if texts else "", "matched": bool(matched)}
+            failed = failure(texts)
+            if failed is not None:  # no answer at all (the backend gave up): it counts as wrong, and says why
+                info["failed"] = failed.reason
+            out.append(Prediction(label, probs, info))
         return out
 
     def generate_text(self, messages: list[list[dict]], max_tokens: int = 60) -> list[str]:
@@ -363,6 +366,31 @@ class ZeroShotKNN(ZeroShot):
     name = "zero_shot_knn"
     needs_samples = True
     shortlist = SHORTLIST_K
+
+
+class OwnWords(ZeroShot):
+    """The model answers in its own words, not the user's: zero-shot over the model's response set (e.g. a dataset's
+    original label names) or, without one, free text (generation; the cleaned reply is the answer). Alone it is
+    rarely right, since its answers are not the user's labels; CM's bank maps them onto the user's labels, which is
+    the case the paper is about (a user who says "Kopi O" where the model says "black coffee").
+
+    ``labels`` are the user's labels (what CM and the re-ask choose among); ``responses`` the model's vocabulary."""
+
+    name = "own_words"
+    uses_responses = True
+
+    def __init__(self, llm: LLM, labels: Sequence[str], decoding: Decoding | None = None, *,
+                 responses: Sequence[str] | None = None, embedder=None):
+        super().__init__(llm, labels, decoding, embedder=embedder)
+        self.responses = list(dict.fromkeys(responses)) if responses else None
+        if self.responses is None and self.dec.mode == "score" and llm.supports_scores:
+            raise ValueError("own_words scores a response set: pass responses=[the model's words], or use "
+                             "Decoding(mode='generate') to let it answer in free text")
+
+    def _candidates(self, texts, candidates):
+        if candidates is not None:
+            return [list(c) for c in candidates]
+        return [list(self.responses or [])] * len(texts)
 
 
 class Retriever:

@@ -19,7 +19,8 @@ injected):
   ``"null_content"``: every choice's content is ``null``;
 - ``"off_set"``: a fluent answer that is none of the candidate labels;
 - ``"bad_shape"``: HTTP 200 JSON that is not a chat completion (``{"choices": "oops"}``);
-- ``"html"``: HTTP 200 ``text/html`` (a proxy's error page).
+- ``"html"``: HTTP 200 ``text/html`` (a proxy's error page);
+- ``"trickle"``: HTTP 200, the body sent one byte every ``trickle`` seconds (each read is quick, the reply slow).
 
 ``delay`` slows every request down (seconds), to interrupt runs midway; ``completed`` counts replies sent.
 """
@@ -33,7 +34,7 @@ from typing import Callable
 
 Responder = Callable[[str, list], str]
 FAULTS = ("429", "500", "503", "timeout", "truncated", "cut", "no_choices", "empty", "null_content", "off_set",
-          "bad_shape", "html")
+          "bad_shape", "html", "trickle")
 OFF_SET_ANSWER = "Certainly! Here is a haiku about your query instead of a label."
 
 
@@ -52,7 +53,7 @@ def parse_prompt(messages: list[dict]) -> tuple[str, list[str]]:
 class FakeOpenAIServer:
     def __init__(self, responder: dict | Responder | None = None, *, status: int = 200, default: str = "no idea",
                  max_choices: int | None = None, faults=None, delay: float = 0.0, retry_after: float = 0.01,
-                 hang: float = 3.0):
+                 hang: float = 3.0, trickle: float = 0.05):
         self.responder = responder or {}
         self.status = status
         self.max_choices = max_choices  # return fewer choices than asked for (servers that ignore ``n``)
@@ -62,7 +63,7 @@ class FakeOpenAIServer:
             unknown = [f for f in faults if f is not None and f not in FAULTS]
             if unknown:
                 raise ValueError(f"unknown faults {unknown}; faults: {FAULTS}")
-        self.delay, self.retry_after, self.hang = delay, retry_after, hang
+        self.delay, self.retry_after, self.hang, self.trickle = delay, retry_after, hang, trickle
         self.requests: list[dict] = []  # every JSON body received, in order
         self.auth_headers: list[str] = []
         self.fault_log: list[tuple[int, str]] = []  # (request index, fault) for every fault injected
@@ -146,10 +147,10 @@ class FakeOpenAIServer:
                 if fault == "cut":
                     data = json.dumps(reply).encode("utf-8")
                     return self._send(200, data[: len(data) // 2], length=len(data), close=True)
-                return self._send(200, reply)
+                return self._send(200, reply, trickle=server.trickle if fault == "trickle" else 0.0)
 
             def _send(self, status: int, obj, *, content_type: str = "application/json", headers: dict | None = None,
-                      length: int | None = None, close: bool = False):
+                      length: int | None = None, close: bool = False, trickle: float = 0.0):
                 data = obj if isinstance(obj, bytes) else json.dumps(obj).encode("utf-8")
                 try:
                     self.send_response(status)
@@ -160,7 +161,15 @@ class FakeOpenAIServer:
                     if close:
                         self.send_header("Connection", "close")
                     self.end_headers()
-                    self.wfile.write(data)
+                    if trickle:
+                        self.wfile.flush()
+                        for i in range(len(data)):
+                            if server._stopping.wait(trickle):
+                                raise ConnectionAbortedError("the server is stopping")
+                            self.wfile.write(data[i:i + 1])
+                            self.wfile.flush()
+                    else:
+                        self.wfile.write(data)
                     self.wfile.flush()
                 except OSError:  # the client gave up (timeout) and closed the connection
                     self.close_connection = True

@@ -9,7 +9,7 @@ import pytest
 
 from cm_core import prompts
 from cm_core.backends import make_backend
-from cm_core.backends.base import GenRequest
+from cm_core.backends.base import Failed, GenRequest
 from cm_core.backends.openai_backend import OpenAIChatLLM
 from cm_core.data import Dataset, Example
 from cm_core.errors import BackendError
@@ -78,11 +78,18 @@ def test_server_returning_fewer_choices_is_topped_up(fake_openai):
     assert [r["n"] for r in server.requests] == [3, 2, 1]
 
 
-def test_server_returning_no_choices_is_an_error(fake_openai):
+@pytest.mark.parametrize("retries", [0, 2])
+def test_server_returning_no_choices_is_a_failed_answer(fake_openai, retries):
+    """A reply without choices is retried like a fault, then answered with Failed (not raised: one query's reply,
+    not the server, is at fault), which the chooser reads as an empty, wrong answer."""
     server = fake_openai({"q": "tunes"}, max_choices=0)
-    with pytest.raises(BackendError, match="no choices"):
-        _llm(server).generate([_req("q", n=2)])
-    assert len(server.requests) == 4  # bounded: n + 2 attempts
+    llm = _llm(server, max_retries=retries)
+    [[got]] = llm.generate([_req("q", n=2)])
+    assert isinstance(got, Failed) and got == "" and got.kind == "content"
+    assert got.reason.startswith("openai:fake-model: ") and "no choices" in got.reason
+    assert f"({retries + 1} attempt" in got.reason
+    assert len(server.requests) == retries + 1  # bounded: max_retries retries
+    assert llm.stats.failed == 1 and llm.stats.retries == retries
 
 
 def test_local_server_needs_no_key(fake_openai, monkeypatch):

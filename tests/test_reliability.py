@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from cm_core import prompts
 from cm_core.backends import make_backend
-from cm_core.backends.base import GenRequest
+from cm_core.backends.base import Failed, GenRequest
 from cm_core.backends.openai_backend import OpenAIChatLLM
 from cm_core.bank import MemoryBank
 from cm_core.cli import main
@@ -267,40 +267,59 @@ def _req(q: str, n: int = 2) -> GenRequest:
     return GenRequest.of(prompts.zero_shot(q, LABELS), n=n)
 
 
-RETRYABLE = ["429", "500", "503", "timeout", "truncated", "cut", "no_choices", "bad_shape", "html"]
-assert set(RETRYABLE) | {"off_set", "empty", "null_content"} == set(FAULTS)  # every fault the server can inject
+SERVER_FAULTS = ["429", "500", "503", "timeout", "truncated", "cut", "bad_shape", "html", "trickle"]
+CONTENT_FAULTS = ["no_choices", "empty", "null_content"]  # a 200 reply without text: retried like a fault
+RETRYABLE = SERVER_FAULTS + CONTENT_FAULTS
+assert set(RETRYABLE) | {"off_set"} == set(FAULTS)  # every fault the server can inject
 
 
 @pytest.mark.parametrize("fault", RETRYABLE)
 def test_a_transient_fault_is_retried(fake_openai, fault):
-    server = fake_openai({"q": "tunes"}, faults=[fault], hang=2.0)
-    llm = OpenAIChatLLM("fake", base_url=server.base_url, api_key=KEY, timeout=0.5, max_retries=2)
+    server = fake_openai({"q": "tunes"}, faults=[fault], hang=2.0, trickle=0.05)
+    llm = OpenAIChatLLM("fake", base_url=server.base_url, api_key=KEY, timeout=0.5, max_retries=2, deadline=5)
     t0 = time.time()
     assert llm.generate([_req("q")]) == [["tunes", "tunes"]]
     assert server.fault_log == [(0, fault)] and len(server.requests) == 2
+    assert llm.stats.retries == 1 and llm.stats.failed == 0
     assert time.time() - t0 < 5
 
 
 @pytest.mark.parametrize("fault,needle", [("429", "HTTP 429"), ("500", "HTTP 500"), ("503", "HTTP 503"),
-                                          ("timeout", "timed out"), ("cut", "cannot connect"),
+                                          ("timeout", "timeout"), ("trickle", "timeout"), ("cut", "cannot connect"),
                                           ("truncated", "unusable reply"), ("bad_shape", "not a chat completion"),
-                                          ("no_choices", "no choices"), ("html", "(not JSON)")])
-def test_a_persistent_fault_is_one_clear_backend_error(fake_openai, fault, needle):
-    server = fake_openai({"q": "tunes"}, faults=lambda i, body: fault, hang=1.0)
+                                          ("html", "(not JSON)")])
+def test_a_persistent_server_fault_is_one_clear_backend_error(fake_openai, fault, needle):
+    """Every request of the call failed at the server level (here the only one): the server looks down, so the
+    call raises one clear BackendError naming the backend and the URL."""
+    server = fake_openai({"q": "tunes"}, faults=lambda i, body: fault, hang=1.0, trickle=0.05)
     llm = OpenAIChatLLM("fake", base_url=server.base_url, api_key=KEY, timeout=0.3, max_retries=1)
     with pytest.raises(BackendError) as ei:
         llm.generate([_req("q", n=1)])
     msg = str(ei.value)
     assert msg.startswith("openai:fake: ") and needle in msg and "\n" not in msg, msg
+    assert server.base_url in msg
     assert KEY not in msg and "Traceback" not in msg
     assert ei.value.__cause__ is None and (ei.value.__context__ is None or ei.value.__suppress_context__)
-    assert 1 <= len(server.requests) <= 3  # bounded: the client's retries, or n + 2 asks for a usable reply
+    assert 1 <= len(server.requests) <= 2  # bounded: max_retries retries (or the deadline)
+
+
+@pytest.mark.parametrize("fault,needle", [("no_choices", "no choices"), ("empty", "content empty"),
+                                          ("null_content", "content null")])
+def test_a_persistent_reply_without_text_is_a_failed_answer(fake_openai, fault, needle):
+    """A reply without text is the query's problem, not the server's: after the retries the request is answered
+    with Failed (an empty answer that counts as wrong), named in one line; nothing is raised."""
+    server = fake_openai({"q": "tunes"}, faults=lambda i, body: fault)
+    llm = OpenAIChatLLM("fake", base_url=server.base_url, api_key=KEY, max_retries=2)
+    [[got]] = llm.generate([_req("q", n=1)])
+    assert isinstance(got, Failed) and got == "" and got.kind == "content"
+    assert got.reason.startswith("openai:fake: ") and needle in got.reason and "(3 attempts)" in got.reason
+    assert len(server.requests) == 3 and llm.stats.failed == 1 and llm.stats.retries == 2
 
 
 def test_persistent_fault_in_an_evaluation_fails_cleanly_and_keeps_finished_answers(fake_openai, tmp_path):
-    """The server starts failing after 10 requests: run_evaluation raises BackendError (no partial results file),
-    the answers that arrived are in the cache, and once the server recovers the run completes without asking
-    for them again."""
+    """The server starts failing after 10 requests: run_evaluation raises BackendError once a call's requests all
+    fail (no partial results file), the 10 answers that arrived are in the cache (each saved as it arrived), and
+    once the server recovers the run completes without asking for them again."""
     ds = _user_data()
     server = fake_openai(_responder(ds), faults=lambda i, body: "500" if i >= 10 else None)
     llm = make_backend("openai:fake", base_url=server.base_url, api_key=KEY, cache_dir=tmp_path, max_retries=1)
@@ -308,7 +327,7 @@ def test_persistent_fault_in_an_evaluation_fails_cleanly_and_keeps_finished_answ
     with pytest.raises(BackendError, match="HTTP 500"):
         run_evaluation(ds, llm, ["zero_shot"], **kw)
     saved = len(llm.cache)
-    assert saved == 8  # the first chunk of 8 answers was committed before the failure
+    assert saved == 10
     server.faults = None
     before = len(server.requests)
     res = run_evaluation(ds, llm, ["zero_shot"], **kw)
@@ -318,8 +337,8 @@ def test_persistent_fault_in_an_evaluation_fails_cleanly_and_keeps_finished_answ
 
 
 def test_evaluation_under_transient_faults_equals_a_clean_run(fake_openai, tmp_path):
-    """About a third of distinct requests fail once, with every retryable fault in turn: the results equal a clean
-    run's exactly."""
+    """About a third of distinct requests fail once, with every retryable fault in turn (replies without text
+    included): the results equal a clean run's exactly."""
     ds = _user_data()
     clean = fake_openai(_responder(ds))
     ref_llm = make_backend("openai:fake", base_url=clean.base_url, api_key=KEY, cache_dir=tmp_path / "clean")
@@ -328,7 +347,7 @@ def test_evaluation_under_transient_faults_equals_a_clean_run(fake_openai, tmp_p
     ref_llm.close()
 
     seen: dict[str, int] = {}
-    cycle = [f for f in RETRYABLE if f != "timeout"] + ["timeout"]
+    cycle = [f for f in RETRYABLE if f not in ("timeout", "trickle")] + ["timeout", "trickle"]
 
     def faults(i, body):
         key = json.dumps(body, sort_keys=True)
@@ -337,9 +356,9 @@ def test_evaluation_under_transient_faults_equals_a_clean_run(fake_openai, tmp_p
         k = seen[key]
         return cycle[(k // 3) % len(cycle)] if first and k % 3 == 0 else None
 
-    flaky = fake_openai(_responder(ds), faults=faults, hang=1.5)
+    flaky = fake_openai(_responder(ds), faults=faults, hang=1.5, trickle=0.01)
     llm = make_backend("openai:fake", base_url=flaky.base_url, api_key=KEY, cache_dir=tmp_path / "flaky",
-                       timeout=0.5, max_retries=3)
+                       timeout=0.5, max_retries=3, deadline=10)
     res = run_evaluation(ds, llm, ["zero_shot"], **kw)
     llm.close()
     injected = {f for _, f in flaky.fault_log}
@@ -350,19 +369,23 @@ def test_evaluation_under_transient_faults_equals_a_clean_run(fake_openai, tmp_p
     assert {k: b["bank"]["counts"] for k, b in res["banks"].items()} == \
         {k: b["bank"]["counts"] for k, b in ref["banks"].items()}
     assert len(flaky.requests) > len(clean.requests)  # the retries did happen
+    assert res["run"]["llm_calls"]["failed"] == 0 and res["run"]["llm_calls"]["retries"] > 0
     print(f"\ntransient faults: {len(flaky.fault_log)} injected ({len(injected)} kinds) over {len(flaky.requests)} "
           f"requests ({len(clean.requests)} without faults); results identical to the clean run")
 
 
-@pytest.mark.parametrize("fault", ["off_set", "empty", "null_content"])
-def test_answers_outside_the_candidates_count_as_wrong(fake_openai, tmp_path, fault):
-    """Some queries always get an answer that is no label (chatter, an empty reply): the run finishes, those
-    predictions are unmatched and count as wrong, CM still works for the rest."""
+def _broken(ds: Dataset) -> set[str]:
+    return {e.text for e in ds.examples if int(e.text.split()[-1 if e.label != "wake-up buzz" else -2]) % 3 == 0}
+
+
+def test_answers_outside_the_candidates_count_as_wrong(fake_openai, tmp_path):
+    """Some queries always get a fluent answer that is no label: the run finishes, those predictions are
+    unmatched and count as wrong, CM still works for the rest."""
     ds = _user_data()
-    broken = {e.text for e in ds.examples if int(e.text.split()[-1 if e.label != "wake-up buzz" else -2]) % 3 == 0}
+    broken = _broken(ds)
 
     def faults(i, body):
-        return fault if parse_prompt(body["messages"])[0] in broken else None
+        return "off_set" if parse_prompt(body["messages"])[0] in broken else None
 
     server = fake_openai(_responder(ds), faults=faults)
     llm = make_backend("openai:fake", base_url=server.base_url, api_key=KEY, cache_dir=tmp_path)
@@ -373,7 +396,7 @@ def test_answers_outside_the_candidates_count_as_wrong(fake_openai, tmp_path, fa
     gold, texts = res["gold"], res["texts"]
     hit = [i for i, t in enumerate(texts) if t in broken]
     assert hit, "the test split should contain some broken queries"
-    odd = clean_answer(OFF_SET_ANSWER) if fault == "off_set" else ""
+    odd = clean_answer(OFF_SET_ANSWER)
     assert odd not in LABELS
     base = res["predictions"]["zero_shot"]
     assert [base[i] for i in hit] == [odd] * len(hit)  # unmatched: kept as said...
@@ -383,6 +406,54 @@ def test_answers_outside_the_candidates_count_as_wrong(fake_openai, tmp_path, fa
         assert len(preds) == len(gold)
         assert res["results"][name]["accuracy"] == pytest.approx(accuracy(gold, preds))
     assert res["results"]["zero_shot+cm"]["accuracy"] > res["results"]["zero_shot"]["accuracy"]
+    assert res["run"]["llm_calls"]["failed"] == 0  # an answer outside the labels is an answer, not a failure
+
+
+@pytest.mark.parametrize("fault", CONTENT_FAULTS)
+def test_replies_without_text_are_failures_never_cached_nor_banked(fake_openai, tmp_path, fault):
+    """Some queries always get a reply without text (a content filter, a refusal, a reasoning-only model): each
+    is retried, then counted as a failed query and a wrong answer; no such reply is cached or enters a memory
+    bank; CM still works for the rest; and once the server answers them, a re-run repairs exactly those."""
+    ds = _user_data()
+    broken = _broken(ds)
+    on = {"faults": True}
+
+    def faults(i, body):
+        return fault if on["faults"] and parse_prompt(body["messages"])[0] in broken else None
+
+    server = fake_openai(_responder(ds), faults=faults)
+    llm = make_backend("openai:fake", base_url=server.base_url, api_key=KEY, cache_dir=tmp_path, max_retries=1)
+    methods = ["zero_shot+cm", "zero_shot+cm_paper", "zero_shot+cm_soft"]
+    kw = dict(pref_count=16, n_test=20, seed=40, stratified=True, n_boot=50)
+    res = run_evaluation(ds, llm, methods, **kw)
+    gold, texts = res["gold"], res["texts"]
+    hit = [i for i, t in enumerate(texts) if t in broken]
+    assert hit, "the test split should contain some broken queries"
+    base = res["predictions"]["zero_shot"]
+    assert [base[i] for i in hit] == [""] * len(hit)  # failed: the empty answer, counted wrong
+    assert res["results"]["zero_shot"]["accuracy"] == pytest.approx(
+        sum(base[i] == gold[i] for i in range(len(gold)) if i not in hit) / len(gold))
+    calls = res["run"]["llm_calls"]
+    assert calls["failed"] >= len(hit) and calls["retries"] >= calls["failed"]  # each was retried first
+    assert res["run"]["failed_queries"]["total"] == calls["failed"]
+    assert res["run"]["failed_queries"]["zero_shot"] == len(hit)
+    for b in res["banks"].values():  # no failed answer entered the bank
+        assert "" not in b["bank"]["counts"]
+        assert sum(map(sum, (r.values() for r in b["bank"]["counts"].values()))) < 16
+    rows = sqlite3.connect(str(tmp_path / "responses.sqlite")).execute("SELECT value FROM responses").fetchall()
+    assert rows and all("" not in json.loads(v) for (v,) in rows)  # nothing failed was cached
+    assert len(rows) == len(server.requests) - len(server.fault_log)
+    assert res["results"]["zero_shot+cm"]["accuracy"] > res["results"]["zero_shot"]["accuracy"]
+
+    on["faults"] = False  # the server now answers them: the same run again asks only the failed queries
+    before = len(server.requests)
+    again = run_evaluation(ds, llm, methods, **kw)
+    llm.close()
+    assert again["run"]["llm_calls"]["failed"] == calls["failed"]  # stats accumulate over the backend's life
+    assert again["run"]["failed_queries"]["total"] == 0
+    assert all(p != "" for p in again["predictions"]["zero_shot"])
+    assert again["results"]["zero_shot"]["accuracy"] > res["results"]["zero_shot"]["accuracy"]
+    assert len(server.requests) - before >= len(hit)
 
 
 # --------------------------------------------------------------------------- killed midway, resumed
@@ -417,7 +488,7 @@ def _comparable(res: dict) -> dict:
     """A results JSON without what legitimately differs between runs (timings, cache-hit counts)."""
     res = json.loads(json.dumps(res))
     res.pop("run")
-    for r in res["results"].values():
+    for r in [*res["results"].values(), *res["banks"].values()]:
         r.pop("time_s", None)
     return res
 
@@ -443,12 +514,13 @@ def test_evaluation_killed_midway_resumes_from_the_cache(fake_openai, tmp_path, 
     ref = json.loads((tmp_path / "ref.json").read_text(encoding="utf-8"))
     assert total > 24 and ref["results"]["zero_shot+cm"]["accuracy"] == 1.0
 
-    # The same run, SIGKILLed once two chunks of 8 answers have been committed (the 17th request has arrived).
+    # The same run, SIGKILLed about half way. Answers are saved one by one as they arrive, so what is lost is at
+    # most what was in flight: --concurrency (8) requests, and a reply or two not yet written.
     cache, out = tmp_path / "cache", tmp_path / "res.json"
     start = len(server.requests)
     proc = _cli(tmp_path, data, server, cache, out)
     deadline = time.time() + 120
-    while len(server.requests) - start < 17:
+    while len(server.requests) - start < total // 2:
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "the run made no progress"
         time.sleep(0.01)
@@ -457,7 +529,8 @@ def test_evaluation_killed_midway_resumes_from_the_cache(fake_openai, tmp_path, 
     assert proc.returncode == -signal.SIGKILL and not out.exists()
     killed_requests = len(server.requests) - start
     committed = _cached_rows(cache)
-    assert 16 <= committed < total
+    assert 0 < committed < total
+    assert killed_requests - committed <= 8 + 2, (killed_requests, committed)
 
     # Re-run to completion: only the missing answers are asked for, and the results are the reference's.
     start = len(server.requests)

@@ -4,11 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CMError
-from .base import LLM, CandidateScore, GenRequest, ScoreRequest
+from .base import LLM, CandidateScore, Failed, GenRequest, ScoreRequest, failure
 from .cache import DEFAULT_CACHE_DIR, CachedLLM, ResponseCache
+from .openai_backend import check_base_url
 
-__all__ = ["LLM", "CandidateScore", "GenRequest", "ScoreRequest", "CachedLLM", "ResponseCache", "make_backend",
-           "DEFAULT_CACHE_DIR"]
+__all__ = ["LLM", "CandidateScore", "Failed", "GenRequest", "ScoreRequest", "CachedLLM", "ResponseCache",
+           "make_backend", "DEFAULT_CACHE_DIR", "check_base_url", "failure"]
 
 
 def make_backend(spec: str = "embedded", *, cache_dir: str | Path | None = None, use_cache: bool = True,

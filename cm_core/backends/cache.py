@@ -1,8 +1,10 @@
 """A persistent response cache in front of any backend (sqlite, one row per request).
 
 The key hashes the backend's identity (kind, model, revision, dtype...), the operation, the full prompt and
-every decoding setting, so two models never share answers; secrets are never part of an identity. Each answer
-is committed as soon as it arrives, so an interrupted run resumes where it stopped and a re-run is free.
+every decoding setting, so two models never share answers; secrets are never part of an identity. Answers are
+committed as they arrive (each one, from a backend that streams its requests; otherwise chunk by chunk), so an
+interrupted run resumes where it stopped and a re-run is free. A request that failed for good (``Failed``) is
+never stored: a re-run asks it again.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .base import LLM, CandidateScore, GenRequest, ScoreRequest
+from .base import LLM, CandidateScore, GenRequest, ScoreRequest, failure
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("CM_CACHE_DIR", Path.home() / ".cache" / "cm-personalize"))
 
@@ -33,6 +35,8 @@ class ResponseCache:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=60)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL: a commit survives the process being killed (not a power cut) without an fsync per answer
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         self._db.commit()
 
@@ -57,12 +61,14 @@ class ResponseCache:
             return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
     def close(self) -> None:
+        """Close the file (idempotent); the last connection to close removes sqlite's -wal and -shm files."""
         with self._lock:
             self._db.close()
 
 
 class CachedLLM(LLM):
-    """Wraps a backend; methods see an ordinary LLM. Misses are computed in chunks and saved per chunk."""
+    """Wraps a backend; methods see an ordinary LLM. Misses go to a streaming backend all at once and each answer
+    is saved as it arrives; other backends get them in chunks, saved per chunk."""
 
     def __init__(self, inner: LLM, cache: ResponseCache | str | Path, chunk_size: int | None = None):
         super().__init__(inner.model)
@@ -73,12 +79,16 @@ class CachedLLM(LLM):
         self.chunk_size = chunk_size or max(8, getattr(inner, "concurrency", 8))
         self.kind = inner.kind
         self.supports_scores = inner.supports_scores
+        self.streams_requests = inner.streams_requests
         self.stats = inner.stats
+        self._closed = False
 
     def identity(self) -> dict[str, Any]:
         return self.inner.identity()
 
-    def _through(self, requests: list, compute: Callable[[list], list], encode, decode) -> list:
+    def _through(self, requests: list, compute: Callable[[list], list], encode, decode, stream=None) -> list:
+        """Answers from the cache, the rest from the backend (``stream``: its ``generate_stream``, else ``compute``
+        chunk by chunk), saved as they arrive, failures excepted."""
         ident = self.identity()
         keys = [request_key(ident, r.key()) for r in requests]
         found = self.cache.get_many(keys)
@@ -89,16 +99,36 @@ class CachedLLM(LLM):
         for i in missing:
             todo.setdefault(keys[i], i)
         pending = list(todo.items())
-        for start in range(0, len(pending), self.chunk_size):
-            chunk = pending[start:start + self.chunk_size]
-            results = compute([requests[i] for _, i in chunk])
-            fresh = {k: encode(res) for (k, _), res in zip(chunk, results)}
-            self.cache.put_many(fresh)
-            found.update(fresh)
-        return [decode(found[k]) for k in keys]
+        failed: dict[str, Any] = {}  # key -> the backend's result carrying Failed: returned, never stored
+
+        def keep(key: str, result) -> None:
+            if failure(result) is not None:
+                failed[key] = result
+                return
+            value = encode(result)
+            self.cache.put_many({key: value})
+            found[key] = value
+
+        if stream is not None and pending:
+            for j, result in stream([requests[i] for _, i in pending]):
+                keep(pending[j][0], result)
+        else:
+            for start in range(0, len(pending), self.chunk_size):
+                chunk = pending[start:start + self.chunk_size]
+                results = compute([requests[i] for _, i in chunk])
+                good = {}
+                for (k, _), res in zip(chunk, results):
+                    if failure(res) is not None:
+                        failed[k] = res
+                    else:
+                        good[k] = encode(res)
+                self.cache.put_many(good)
+                found.update(good)
+        return [failed[k] if k in failed else decode(found[k]) for k in keys]
 
     def generate(self, requests: list[GenRequest]) -> list[list[str]]:
-        return self._through(requests, self.inner.generate, lambda r: list(r), lambda v: list(v))
+        stream = self.inner.generate_stream if self.inner.streams_requests else None
+        return self._through(requests, self.inner.generate, lambda r: list(r), lambda v: list(v), stream)
 
     def score(self, requests: list[ScoreRequest]) -> list[list[CandidateScore]]:
         return self._through(requests, self.inner.score,
@@ -106,5 +136,11 @@ class CachedLLM(LLM):
                              lambda v: [CandidateScore(lp, n) for lp, n in v])
 
     def close(self) -> None:
-        self.inner.close()
-        self.cache.close()
+        """Close the backend and the cache file, once; the file is closed even if the backend's close fails."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.inner.close()
+        finally:
+            self.cache.close()
