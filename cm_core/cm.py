@@ -11,20 +11,26 @@ from typing import Sequence
 
 from .bank import MemoryBank
 from .data import Example
-from .marginalize import decide, soft_marginalize
+from .marginalize import decide, decide_shrunk, soft_marginalize
 from .methods import Method, Prediction
+from .shrink import choose_alpha, shrunk_conditional
 
-# The CM variants, by the suffix a method name carries: suffix -> (form, single-candidate rule).
+# The CM variants, by the suffix a method name carries: suffix -> (form, single-candidate rule, shrink).
 # "+cm": the paper's formula (a single candidate is mapped to); "+cm_paper": the official code (it is kept);
-# "+cm_soft": the soft form over p(ŷ|x). A new variant is one entry here (and its rule in marginalize.py).
-VARIANTS: dict[str, tuple[str, str]] = {"+cm": ("hard", "map"), "+cm_paper": ("hard", "keep"),
-                                        "+cm_soft": ("soft", "map")}
+# "+cm_soft": the soft form over p(ŷ|x); "+cm_shrunk" / "+cm_soft_shrunk": the bank pulled toward keeping ŷ
+# (cm_core.shrink). A new variant is one entry here (and its rule in marginalize.py).
+VARIANTS: dict[str, tuple[str, str, bool]] = {
+    "+cm": ("hard", "map", False), "+cm_paper": ("hard", "keep", False), "+cm_soft": ("soft", "map", False),
+    "+cm_shrunk": ("hard", "map", True), "+cm_soft_shrunk": ("soft", "map", True)}
 
 
-def variant_suffix(form: str, single: str) -> str:
+def variant_suffix(form: str, single: str, shrink: bool = False) -> str:
     if form == "soft":
-        return "+cm_soft"
-    return next(s for s, (f, r) in VARIANTS.items() if (f, r) == (form, single))
+        single = "map"  # the soft form has no single-candidate rule
+    suffix = next((s for s, v in VARIANTS.items() if v == (form, single, shrink)), None)
+    if suffix is None:
+        raise ValueError(f"no CM variant is {form}, single={single}, shrink={shrink}")
+    return suffix
 
 
 def estimate_bank(base: Method, samples: Sequence[Example], temperature: float = 0.7, seed: int = 0) -> MemoryBank:
@@ -43,19 +49,21 @@ def estimate_bank(base: Method, samples: Sequence[Example], temperature: float =
 class CM(Method):
     """``base``: the method whose answers are marginalized. ``chooser``: who picks among a bank entry's several
     candidates (default: the base itself). ``bank``: a given bank is used as it is instead of being estimated.
-    ``prefit``: the base is already fitted on the same samples (fit only estimates the bank)."""
+    ``prefit``: the base is already fitted on the same samples (fit only estimates the bank). ``shrink``: pull
+    p(y'|ŷ) toward keeping ŷ with a strength chosen on the samples (``shrinkage_``; see :mod:`cm_core.shrink`)."""
 
     def __init__(self, base: Method, chooser: Method | None = None, *, form: str = "hard", single: str = "map",
-                 temperature: float = 0.7, seed: int = 0, bank: MemoryBank | None = None, prefit: bool = False):
+                 temperature: float = 0.7, seed: int = 0, bank: MemoryBank | None = None, prefit: bool = False,
+                 shrink: bool = False):
         if form not in ("hard", "soft"):
             raise ValueError("form must be 'hard' or 'soft'")
         if single not in ("map", "keep"):
             raise ValueError("single must be 'map' or 'keep'")
         self.base, self.chooser = base, chooser
         self.form, self.single, self.temperature, self.seed = form, single, temperature, seed
-        self.bank, self.prefit = bank, prefit
+        self.bank, self.prefit, self.shrink = bank, prefit, shrink
         self.labels = base.labels
-        self.name = base.name + variant_suffix(form, single)
+        self.name = base.name + variant_suffix(form, single, shrink)
 
     @property
     def needs_llm(self) -> bool:  # type: ignore[override]
@@ -79,6 +87,8 @@ class CM(Method):
             self.base.fit(samples)
         self.bank_ = self.bank if self.bank is not None else estimate_bank(self.base, samples, self.temperature,
                                                                             self.seed)
+        if self.shrink:
+            self.shrinkage_ = choose_alpha(self.bank_.counts, self.labels)
         self._prepare_choices()
 
     def _prepare_choices(self) -> None:
@@ -88,10 +98,20 @@ class CM(Method):
             return
         sets = []
         for response in self.bank_.counts:
-            d = decide(response, self.bank_, self.single)
+            d = self._decide(response)
             if d.action == "choose":
                 sets.append(list(d.candidates))
         (self.chooser or self.base).prepare(sets)
+
+    def _decide(self, base_answer: str):
+        if self.shrink:
+            return decide_shrunk(base_answer, self.bank_, self.shrinkage_["alpha"], self.labels)
+        return decide(base_answer, self.bank_, self.single)
+
+    def _conditional(self, response: str) -> dict[str, float]:
+        if self.shrink:
+            return shrunk_conditional(response, self.bank_.candidates(response), self.shrinkage_["alpha"], self.labels)
+        return self.bank_.conditional(response)
 
     def predict(self, texts, candidates=None) -> list[Prediction]:
         self._check_fitted()
@@ -101,10 +121,8 @@ class CM(Method):
         return self._hard(texts, base_preds)
 
     def _soft(self, base: Prediction) -> Prediction:
-        if not base.probs:  # no distribution: only the base answer, with certainty
-            dist = soft_marginalize({base.label: 1.0}, self.bank_)
-        else:
-            dist = soft_marginalize(base.probs, self.bank_)
+        dist = soft_marginalize(base.probs or {base.label: 1.0}, self.bank_, self._conditional)  # no distribution:
+        # only the base answer, with certainty
         label = max(dist, key=lambda k: (dist[k], k == base.label)) if dist else base.label
         return Prediction(label, dist, {"base": base.label, "action": "soft"})
 
@@ -112,7 +130,7 @@ class CM(Method):
         out: list[Prediction | None] = []
         todo: list[int] = []
         for i, p in enumerate(base_preds):
-            d = decide(p.label, self.bank_, self.single)
+            d = self._decide(p.label)
             info = {"base": p.label, "action": d.action, "candidates": d.candidates}
             out.append(Prediction(d.label, None, info) if d.label is not None else Prediction("", None, info))
             if d.action == "choose":

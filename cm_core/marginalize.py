@@ -5,13 +5,16 @@ Hard form, per query: the bank's candidates for the base answer ŷ decide what h
   one     -> ``single="map"``: the paper's formula maps ŷ to it; ``single="keep"``: the official code keeps ŷ;
   several -> the LLM (or the base predictor) chooses among those candidates only, for this query.
 Soft form: p(y'|x) = Σ_ŷ p(y'|ŷ) p(ŷ|x), with p(y'|ŷ) = δ(y'=ŷ) for a ŷ the bank never saw.
+Shrunk forms (:mod:`cm_core.shrink`): the same with p(y'|ŷ) pulled toward keeping ŷ; the hard one answers the
+shrunk conditional's label when it holds more than half the mass, else re-asks among its candidates (ŷ included).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Collection, Literal
 
 from .bank import MemoryBank
+from .shrink import shrunk_conditional
 
 Action = Literal["keep", "map", "choose"]
 
@@ -35,12 +38,26 @@ def decide(base_answer: str, bank: MemoryBank, single: str = "map") -> Decision:
     return Decision("choose", None, cands)
 
 
-def soft_marginalize(base_probs: dict[str, float], bank: MemoryBank) -> dict[str, float]:
+def decide_shrunk(base_answer: str, bank: MemoryBank, alpha: float, labels: Collection[str]) -> Decision:
+    q = shrunk_conditional(base_answer, bank.candidates(base_answer), alpha, labels)
+    if not q:
+        return Decision("keep", base_answer, {})
+    counts = {y: bank.counts.get(base_answer, {}).get(y, 0) for y in sorted(q, key=lambda y: (-q[y], y))}
+    top = max(q, key=lambda y: (q[y], y == base_answer))
+    if q[top] > 0.5 or len(q) == 1:
+        return Decision("keep" if top == base_answer else "map", top, counts)
+    return Decision("choose", None, counts)
+
+
+def soft_marginalize(base_probs: dict[str, float], bank: MemoryBank,
+                     conditional: Callable[[str], dict[str, float]] | None = None) -> dict[str, float]:
+    """``conditional``: p(y'|ŷ) (default: the bank's counts)."""
+    conditional = conditional or bank.conditional
     out: dict[str, float] = {}
     for y_hat, p in base_probs.items():
         if p <= 0:
             continue
-        cond = bank.conditional(y_hat) or {y_hat: 1.0}
+        cond = conditional(y_hat) or {y_hat: 1.0}
         for y, q in cond.items():
             out[y] = out.get(y, 0.0) + p * q
     total = sum(out.values())

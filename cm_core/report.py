@@ -22,7 +22,8 @@ from .registry import BASELINES, CM_VARIANTS, LLM_METHODS, split_method_name
 
 ALPHA = 0.05
 VARIANT_ORDER = ("base", *CM_VARIANTS)  # base, +cm, +cm_paper, +cm_soft
-VARIANT_COLORS = {"base": "#8c8c8c", "+cm": "#1f77b4", "+cm_paper": "#2ca02c", "+cm_soft": "#9467bd"}
+VARIANT_COLORS = {"base": "#8c8c8c", "+cm": "#1f77b4", "+cm_paper": "#2ca02c", "+cm_soft": "#9467bd",
+                  "+cm_shrunk": "#ff7f0e", "+cm_soft_shrunk": "#8c564b"}
 
 
 # --------------------------------------------------------------------------- formatting
@@ -577,3 +578,22 @@ def notebook_to_html(nb_path, html_path, title: str | None = None) -> None:
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title or Path(nb_path).stem}})
     Path(html_path).write_text(body, encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- files a spreadsheet opens
+
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")  # also full-width forms
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` whose text cells a spreadsheet shows as text instead of running them as formulas
+    (CSV injection: ``=HYPERLINK(...)``, ``=1+1``, ``@SUM(...)``): a cell starting with = + - @, a tab or a carriage
+    return (or their full-width forms) gets a leading apostrophe. Numbers are left alone. Column names too."""
+    def safe(v):
+        return "'" + v if isinstance(v, str) and v.startswith(FORMULA_START) else v
+    out = frame.copy()
+    out.columns = [safe(str(c)) for c in out.columns]
+    for c in out.columns:
+        if not pd.api.types.is_numeric_dtype(out[c]):
+            out[c] = out[c].map(safe)
+    return out

@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[1] / "cm_core"
 # lowest first; a module may import any module of a lower layer, none of its own or a higher one
 LAYERS = [
     {"errors"},
-    {"data", "bank", "embeddings", "backends"},
+    {"data", "bank", "embeddings", "backends", "shrink"},
     {"prompts", "paper", "upload"},
     {"methods"},
     {"baselines", "paper_methods", "marginalize"},
