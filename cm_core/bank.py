@@ -114,6 +114,8 @@ class MemoryBank:
             return bank
         if "format" in obj or "version" in obj:
             raise BankError(f"unknown memory bank format {obj.get('format')!r}", source=source)
+        if not obj:
+            raise BankError("empty bank ({}): it has no entries", source=source)
         return cls.from_paper(obj, source)
 
     @classmethod
@@ -142,8 +144,12 @@ class MemoryBank:
                 raise BankError("file not found", source=source)
             if p.stat().st_size > MAX_BANK_BYTES:
                 raise BankError(f"file over the {MAX_BANK_BYTES // 2**20} MB limit", source=source)
+            raw = p.read_bytes()
+            if raw[:1] == b"\x80" or p.suffix.lower() in (".pkl", ".pickle"):  # protocol 2+ starts with 0x80
+                raise BankError("a pickle file: give the bank as JSON (pickles are never loaded: unpickling runs "
+                                "code)", source=source)
             try:
-                text = p.read_text(encoding="utf-8")
+                text = raw.decode("utf-8-sig")
             except UnicodeDecodeError:
                 raise BankError("not UTF-8 text", source=source) from None
         try:

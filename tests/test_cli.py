@@ -51,6 +51,7 @@ def test_evaluate_baselines_writes_results(tiny, tmp_path):
     res = json.loads(out.read_text(encoding="utf-8"))
     assert set(res) >= {"version", "config", "results", "banks", "gold", "texts", "predictions", "run"}
     cfg = res["config"]
+    assert cfg["protocol"] == "ours"
     assert cfg["n_test"] == 20 and cfg["pref_count"] == 20 and cfg["seed"] == 40 and cfg["dataset"] == "tiny"
     assert cfg["n_labels"] == 4 and cfg["model"] is None  # baselines only: no LLM was loaded
     assert set(res["results"]) == {"label_similarity", "label_similarity+cm", "knn", "knn+cm", "logreg", "logreg+cm"}
@@ -182,3 +183,73 @@ def test_malformed_data_and_bank(tmp_path, capsys):
     q.write_text("hello\n", encoding="utf-8")
     rc, so, se = _main(["predict", "--bank", str(bank), "--input", str(q)], capsys)
     _assert_one_line_error(rc, so, se, "bank.json", "version 99")
+
+
+# --------------------------------------------------------------------------- --protocol paper
+
+@pytest.mark.parametrize("flags", [["--decoding", "generate"], ["--decoding", "score"], ["--list-labels"],
+                                   ["--no-list-labels"], ["--no-calibrate"], ["--stratified"],
+                                   ["--test-file", "x.jsonl"], ["--pref-count", "5"], ["--test-fraction", "0.5"],
+                                   ["--temperature", "0.7"]])
+def test_paper_protocol_refuses_our_flags(flags, tmp_path, capsys):
+    """Flags the paper protocol would silently ignore are errors that name the flag (before any model loads)."""
+    out = tmp_path / "r.json"
+    rc, so, se = _main(["evaluate", "--protocol", "paper", "--dataset", "banking77", "--methods", "zero_shot",
+                        *flags, "--output", str(out)], capsys)
+    _assert_one_line_error(rc, so, se, flags[0].replace("--no-list", "--list"), "--protocol paper")
+    assert not out.exists()
+
+
+def test_protocol_specific_flags_and_methods(tiny, tmp_path, capsys):
+    rc, so, se = _main(["evaluate", "--dataset", str(tiny), "--methods", "knn", "--n-test-other", "5"], capsys)
+    _assert_one_line_error(rc, so, se, "--n-test-other does not apply to --protocol ours")
+    rc, so, se = _main(["evaluate", "--protocol", "paper", "--dataset", "banking77", "--methods", "knn"], capsys)
+    _assert_one_line_error(rc, so, se, "'knn' (a method of our protocol) is not in the paper protocol",
+                           "zero_shot, few_shot, cot, self_consistency, self_refine")
+    rc, so, se = _main(["estimate", "--protocol", "paper", "--dataset", "banking77", "--all-samples"], capsys)
+    _assert_one_line_error(rc, so, se, "--all-samples does not apply")
+
+
+@pytest.mark.parametrize("name, data, needle", [
+    ("missing.json", None, "not found"),
+    ("bank.pkl", b"\x80\x04\x95\x10\x00", "a pickle file"),
+    ("pickled.json", b"\x80\x04}\x94.", "a pickle file"),
+    ("empty.json", b"{}", "empty bank"),
+    ("shape.json", b'{"card arrival": 3}', "must be a non-empty list of label strings"),
+    ("text.json", b"card arrival: [card arrival]", "malformed JSON"),
+])
+def test_paper_bank_file_errors(name, data, needle, tmp_path, capsys):
+    path = tmp_path / name
+    if data is not None:
+        path.write_bytes(data)
+    rc, so, se = _main(["evaluate", "--protocol", "paper", "--dataset", "banking77", "--methods",
+                        "zero_shot+cm_paper", "--bank", str(path), "--output", str(tmp_path / "r.json")], capsys)
+    _assert_one_line_error(rc, so, se, name, needle)
+
+
+def test_paper_estimate_then_evaluate_with_that_bank(tmp_path, fake_openai, capsys):
+    """The paper's one bank from `estimate --protocol paper`, given back to `evaluate --protocol paper --bank`: no
+    bank is estimated again, and the run uses the GPT runs' prompt shape on an openai backend."""
+    server = fake_openai(lambda query, listed: "{'card arrival'}")
+    common = ["--protocol", "paper", "--dataset", "banking77", "--model", "openai:gpt-4o-mini", "--base-url",
+              server.base_url, "--cache-dir", str(tmp_path / "cache")]
+    bank_path = tmp_path / "bank.json"
+    assert main(["estimate", *common, "--output", str(bank_path)]) == 0
+    capsys.readouterr()
+    bank = MemoryBank.from_json(bank_path)
+    assert bank.meta["protocol"] == "paper" and bank.n_samples == 100 and bank.meta["pref_fraction"] == 0.01
+    assert len(server.requests) == 100 and all(b["max_tokens"] == 30 for b in server.requests)
+    out = tmp_path / "res.json"
+    assert main(["evaluate", *common, "--methods", "zero_shot+cm", "--n-test", "6", "--bank", str(bank_path),
+                 "--output", str(out)]) == 0
+    assert "protocol=paper" in capsys.readouterr().out
+    res = json.loads(out.read_text(encoding="utf-8"))
+    cfg = res["config"]
+    assert cfg["protocol"] == "paper" and cfg["bank_given"] and cfg["prompt_shape"] == "gpt"
+    assert any("GPT runs test all of small" in d for d in cfg["departures"])
+    asked, reasked = server.requests[100:106], server.requests[106:]  # 6 zero-shot answers, 6 re-asks
+    assert all(b["max_tokens"] == 10 and b["messages"][0]["role"] == "user" for b in asked)
+    assert len(reasked) == 6 and all(b["max_tokens"] == 20 for b in reasked)
+    assert all("Considering the following query" in b["messages"][0]["content"] for b in reasked)
+    # every preference row answered 'card arrival': one entry, many candidates, so every answer is re-asked
+    assert res["results"]["zero_shot+cm"]["actions"] == {"choose": 6}

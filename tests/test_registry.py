@@ -51,7 +51,8 @@ class WordLLM(LLM):
 @pytest.mark.parametrize("name", registry.ALL_METHODS)
 def test_every_base_name_builds_with_facts_from_its_class(name):
     llm = WordLLM()
-    m = registry.build(name, labels=LABELS, llm=llm)
+    own = {"responses": LABELS} if name == "own_words" else {}  # the model's words: here the same three
+    m = registry.build(name, labels=LABELS, llm=llm, **own)
     assert m.name == name and type(m) is registry.METHODS[name]
     assert registry.needs_llm(name) == type(m).needs_llm == (name not in registry.BASELINES)
     assert registry.needs_samples(name) == type(m).needs_samples
@@ -77,7 +78,7 @@ def test_cm_variants_build_by_name(base, variant):
     llm = WordLLM()
     cm = registry.build(base + variant, labels=LABELS, llm=llm)
     assert isinstance(cm, CM) and cm.name == base + variant
-    assert (cm.form, cm.single) == registry.CM_VARIANTS[variant]
+    assert (cm.form, cm.single, cm.shrink) == registry.CM_VARIANTS[variant]
     if registry.needs_llm(base):  # the re-ask lists the bank entry's candidates
         assert isinstance(cm.chooser, ZeroShot) and cm.chooser.dec.list_labels is True
     else:
@@ -166,3 +167,29 @@ def test_no_face_assembles_cm_by_hand():
             if re.search(r"\.bank_\s*=", line) and "self.bank_" not in line:
                 offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
     assert offenders == []
+
+
+SLANG = {"alarm": "wake-up buzz", "music": "tunes", "weather": "sky report"}
+
+
+@pytest.mark.parametrize("variant", ["+cm", "+cm_soft"])
+def test_own_words_reach_the_users_labels_only_through_the_bank(variant):
+    """The model answers in its own words (alarm, music, weather); the user's labels are slang it never says.
+    Alone it is never right; CM's bank, estimated on the user's samples, maps its words onto the user's."""
+    user = [Example(e.text, SLANG[e.label]) for e in SAMPLES]
+    llm = WordLLM()
+    alone = registry.build("own_words", labels=sorted(SLANG.values()), llm=llm, responses=LABELS)
+    assert [p.label for p in alone.predict(["set an alarm"])] == ["alarm"]  # its own word, not the user's
+    cm = registry.build("own_words" + variant, labels=sorted(SLANG.values()), llm=llm, responses=LABELS).fit(user)
+    assert cm.bank_.counts == {w: {SLANG[w]: 2} for w in LABELS}
+    assert [p.label for p in cm.predict(["set an alarm", "jazz music now", "weather in rome"])] == [
+        "wake-up buzz", "tunes", "sky report"]
+
+
+def test_own_words_free_text_needs_generation_and_responses_only_apply_to_it():
+    with pytest.raises(ValueError, match="pass responses="):
+        registry.build("own_words", labels=LABELS, llm=WordLLM())
+    free = registry.build("own_words", labels=LABELS, llm=WordLLM(), decoding=Decoding(mode="generate"))
+    assert free.predict(["an alarm please"])[0].label == "alarm"  # the cleaned free-text reply
+    with pytest.raises(CMError, match="responses= applies to own_words"):
+        registry.build("zero_shot", labels=LABELS, llm=WordLLM(), responses=LABELS)
