@@ -151,6 +151,7 @@ def run_info(obj: Mapping[str, Any]) -> pd.DataFrame:
     c, run = obj.get("config", {}), obj.get("run", {})
     calls = run.get("llm_calls") or {}
     rows = [
+        ("protocol", _protocol_text(c)),
         ("model", model_name(c)),
         ("dataset", f"{c.get('dataset')} ({c.get('n_labels')} labels; {c.get('source', '')})"),
         ("preference samples", f"{c.get('pref_count')}" + (f" ({100 * c['pref_fraction']:g}% of the data)"
@@ -173,6 +174,16 @@ def run_info(obj: Mapping[str, Any]) -> pd.DataFrame:
     for pkg, ver in (run.get("versions") or {}).items():
         rows.append((f"version: {pkg}", ver))
     return pd.DataFrame(rows, columns=["field", "value"]).astype({"value": str})
+
+
+def _protocol_text(config: Mapping[str, Any]) -> str:
+    """Which protocol made the numbers, and where a paper-protocol run departs from the official code."""
+    protocol = config.get("protocol", "ours")
+    if protocol == "paper":
+        departures = config.get("departures") or []
+        return ("paper (the official code's splits, prompts, decoding, strict scoring, one shared zero-shot bank)"
+                + ("; departs from it: " + " | ".join(departures) if departures else ""))
+    return "ours (calibrated scoring, soft CM, de-duplicated splits)"
 
 
 def _calls_text(calls: Mapping[str, Any]) -> str:

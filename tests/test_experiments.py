@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 GRIDS = REPO / "notebooks" / "grids"
 CI_GRID = GRIDS / "ci.json"
 NOTEBOOK_PARAMS = {"model", "base_url", "dataset", "pref_fraction", "pref_count", "temperature", "n_test", "methods",
-                   "seed", "decoding", "list_labels", "calibrate", "cache_dir", "results_path", "reuse", "repo_root"}
+                   "seed", "decoding", "list_labels", "calibrate", "protocol", "n_test_other", "cache_dir", "results_path",
+                   "reuse", "repo_root"}
 
 
 def run_cli(*args, cwd: Path, timeout: int = 900) -> tuple[subprocess.CompletedProcess, float]:
@@ -453,3 +454,32 @@ def test_rerun_reuses_the_finished_runs(ci_run):
         assert time.time() - t0 < 5
         assert again["run"]["reused_from"] == str(out / "runs" / rid / "results.json")
         assert again["results"] == res["results"]
+
+
+# --------------------------------------------------------------------------- the paper protocol in reports
+
+def test_paper_protocol_through_the_notebook_api_and_the_grid(fake_openai, tmp_path):
+    """protocol="paper" reaches the evaluation from the notebooks' API and the grid: its one shared bank is what
+    inspect_bank shows, our protocol's settings are refused there, and paper cells get their own ids."""
+    server = fake_openai(lambda query, listed: "'alarm'")
+    params = dict(model="openai:fake", base_url=server.base_url, dataset="massive_scenario", pref_fraction=0.01,
+                  n_test=6, methods=["zero_shot", "zero_shot+cm_paper"], seed=40, protocol="paper")
+    out = tmp_path / "results.json"
+    res = experiments.evaluate_run(cache_dir=tmp_path / "cache", results_path=out, **params)
+    assert res["config"]["protocol"] == "paper" and res["config"]["pref_count"] == 115  # 1 % of large
+    assert res["predictions"]["zero_shot"] == ["alarm"] * 6 and "shared" in res["banks"]
+    insp = experiments.inspect_bank(cache_dir=tmp_path / "cache", results_path=out, **params)
+    assert insp["source"] == "results" and insp["bank"] == res["banks"]["shared"]["bank"]
+    with pytest.raises(CMError, match="decoding: our protocol's settings"):
+        experiments.make_request(dataset="banking77", protocol="paper", decoding="generate")
+    with pytest.raises(CMError, match="not in the paper protocol"):
+        experiments.make_request(dataset="banking77", protocol="paper", methods=["knn"])
+    with pytest.raises(CMError, match="n_test_other belongs to the paper protocol"):
+        experiments.make_request(dataset="banking77", n_test_other=100)
+    grid = experiments.check_grid({"datasets": ["banking77"], "protocol": "paper", "pref_fractions": [0.01, 0.05],
+                                   "methods": ["zero_shot", "zero_shot+cm_paper"], "n_test_other": 100})
+    cells = experiments.expand_grid(grid)
+    assert [c["id"] for c in cells] == ["paper_embedded_banking77_0.01", "paper_embedded_banking77_0.05"]
+    assert all(c["params"]["protocol"] == "paper" and c["params"]["n_test_other"] == 100 for c in cells)
+    html = experiments.render_index(grid, [])
+    assert "Protocol <b>paper</b>" in html

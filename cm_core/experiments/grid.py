@@ -21,7 +21,7 @@ from .. import registry
 from ..errors import CMError, run_command
 from .fingerprint import NOTEBOOKS, default_notebooks_dir, repo_root, run_stamp
 from .index_page import render_index
-from .notebook_api import DEFAULT_METHODS, make_request, write_json
+from .notebook_api import make_request, write_json
 
 GRID_KEYS = {
     "name": "a title for index.html",
@@ -38,6 +38,9 @@ GRID_KEYS = {
     "list_labels": "show all labels in the prompt: true | false | null (default null: only when the model must "
                    "write a label, i.e. decoding generate)",
     "calibrate": "content-free calibration of scores (default true)",
+    "protocol": "ours (calibrated scoring, soft CM, de-duplicated splits; default) | paper (the official experiment: "
+                "its splits, prompts, decoding, strict scoring and one shared zero-shot bank)",
+    "n_test_other": "paper protocol: test queries of the base methods after zero-shot (default: n_test)",
     "base_url": "OpenAI-compatible server for openai:MODEL specs",
     "bank_method": "base method whose bank bank.ipynb inspects (default: the first base method using the LLM)",
     "cache_dir": "response cache folder, relative to the working directory (default .cm_cache)",
@@ -78,7 +81,7 @@ def check_grid(grid: Any, source: str = "<grid>") -> dict[str, Any]:
         raise CMError(f"{source}: unknown key(s) {unknown}; known: {sorted(GRID_KEYS)}")
     g = {"name": Path(source).stem, "models": ["embedded"], "n_test": 200, "seed": 40, "temperature": 0.7,
          "decoding": "score", "list_labels": None, "calibrate": True, "cache_dir": ".cm_cache", "timeout": 7200,
-         **grid}
+         "protocol": "ours", **grid}
     for key in ("models", "datasets"):
         if isinstance(g.get(key), str):
             g[key] = [g[key]]
@@ -92,11 +95,13 @@ def check_grid(grid: Any, source: str = "<grid>") -> dict[str, Any]:
             raise CMError(f"{source}: '{key}' must be a non-empty list of "
                           f"{'fractions in (0, 1]' if key == 'pref_fractions' else 'positive integers'}")
     try:  # what the notebooks will check: method names, decoding, list_labels
-        g["methods"] = make_request(dataset=g["datasets"][0], methods=g.get("methods", DEFAULT_METHODS),
-                                    decoding=g["decoding"], list_labels=g["list_labels"])["methods"]
+        g["methods"] = make_request(dataset=g["datasets"][0], methods=g.get("methods"),
+                                    decoding=g["decoding"], list_labels=g["list_labels"], protocol=g["protocol"],
+                                    temperature=g["temperature"], calibrate=g["calibrate"],
+                                    n_test_other=g.get("n_test_other"))["methods"]
     except CMError as e:
         raise CMError(f"{source}: {e}") from None
-    for key in ("timeout", "threads", "jobs", "n_test", "seed"):
+    for key in ("timeout", "threads", "jobs", "n_test", "seed", "n_test_other"):
         v = g.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and key != "seed")):
             raise CMError(f"{source}: '{key}' must be a positive integer, got {v!r}")
@@ -121,8 +126,11 @@ def expand_grid(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
             for mode, value in prefs:
                 tag = f"{value:g}" if mode == "fraction" else f"n{value}"
                 ds_name = Path(dataset).stem if os.sep in dataset or "/" in dataset else dataset
+                protocol = grid.get("protocol", "ours")
+                prefix = "" if protocol == "ours" else f"{protocol}_"  # ours keeps the ids it always had
                 cells.append({
-                    "id": f"{_slug(model)}_{_slug(ds_name)}_{tag}", "model": model, "dataset": dataset,
+                    "id": f"{prefix}{_slug(model)}_{_slug(ds_name)}_{tag}", "model": model, "dataset": dataset,
+                    "protocol": protocol,
                     "pref_mode": mode, "pref": f"{100 * value:g}% of the data" if mode == "fraction"
                     else f"{value} samples",
                     "params": {"model": model, "base_url": grid.get("base_url"), "dataset": dataset,
@@ -131,7 +139,8 @@ def expand_grid(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
                                "temperature": grid["temperature"], "n_test": grid["n_test"],
                                "methods": list(grid["methods"]), "seed": grid["seed"], "decoding": grid["decoding"],
                                "list_labels": grid["list_labels"], "calibrate": grid["calibrate"],
-                               "bank_method": grid.get("bank_method")}})
+                               "bank_method": grid.get("bank_method"), "protocol": protocol,
+                               "n_test_other": grid.get("n_test_other")}})
     return cells
 
 

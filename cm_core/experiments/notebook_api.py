@@ -18,6 +18,7 @@ from .fingerprint import code_fingerprint
 
 DEFAULT_METHODS = ("zero_shot", "zero_shot+cm_paper", "zero_shot+cm_soft", "label_similarity",
                    "label_similarity+cm", "knn", "logreg")
+PAPER_DEFAULT_METHODS = ("zero_shot", "zero_shot+cm_paper", "zero_shot+cm")  # the official code's rule, the formula
 
 
 def methods_list(methods: str | Sequence[str]) -> list[str]:
@@ -30,24 +31,40 @@ def methods_list(methods: str | Sequence[str]) -> list[str]:
     return out
 
 
-def default_bank_method(methods: Sequence[str]) -> str:
+def default_bank_method(methods: Sequence[str], protocol: str = "ours") -> str:
     """The first base method that uses the LLM (its bank is the interesting one), else the first base method."""
-    bases = list(registry.plan(methods, default_variant=None))
-    return next((b for b in bases if registry.needs_llm(b)), bases[0])
+    bases = list(dict.fromkeys(registry.split_method_name(m, protocol)[0] for m in methods))
+    return next((b for b in bases if registry.needs_llm(b, protocol)), bases[0])
 
 
 def make_request(*, dataset: str, model: str = "embedded", base_url: str | None = None,
                  pref_fraction: float | None = 0.05, pref_count: int | None = None, temperature: float = 0.7,
-                 n_test: int | None = 200, methods: str | Sequence[str] = DEFAULT_METHODS, seed: int = 40,
-                 decoding: str = "score", list_labels: bool | None = None, calibrate: bool = True) -> dict[str, Any]:
+                 n_test: int | None = 200, methods: str | Sequence[str] | None = None, seed: int = 40,
+                 decoding: str = "score", list_labels: bool | None = None, calibrate: bool = True,
+                 protocol: str = "ours", n_test_other: int | None = None) -> dict[str, Any]:
     """Everything that determines a run's results, the library code included: equal requests, equal results.
 
     The one place the notebook parameters get their defaults and are checked (method names, decoding), before
     any model loads. ``pref_count`` overrides ``pref_fraction``; ``list_labels`` None lets the decoding decide.
+    ``protocol`` "paper" runs the official experiment (its own splits, prompts and decoding: our protocol's settings
+    must stay at their defaults there; ``n_test_other`` is its test budget for the base methods after zero-shot).
     """
+    if protocol not in registry.PROTOCOLS:
+        raise CMError(f"protocol must be one of {', '.join(registry.PROTOCOLS)}, got {protocol!r}")
+    if methods is None:
+        methods = PAPER_DEFAULT_METHODS if protocol == "paper" else DEFAULT_METHODS
     methods = methods_list(methods)
+    if protocol == "paper":
+        ours_only = {"pref_count": pref_count is not None, "temperature": temperature != 0.7,
+                     "decoding": decoding != "score", "list_labels": list_labels is not None,
+                     "calibrate": calibrate is not True}
+        given = [k for k, v in ours_only.items() if v]
+        if given:
+            raise CMError(f"{', '.join(given)}: our protocol's settings; the paper protocol fixes them")
+    elif n_test_other is not None:
+        raise CMError("n_test_other belongs to the paper protocol")
     for m in methods:
-        registry.split_method_name(m)
+        registry.split_method_name(m, protocol)
     if decoding not in ("score", "generate"):
         raise CMError(f"decoding must be 'score' or 'generate', got {decoding!r}")
     if list_labels is not None and not isinstance(list_labels, bool):
@@ -56,7 +73,7 @@ def make_request(*, dataset: str, model: str = "embedded", base_url: str | None 
             "pref_fraction": None if pref_count is not None else pref_fraction, "pref_count": pref_count,
             "temperature": temperature, "n_test": n_test, "methods": methods, "seed": seed,
             "decoding": decoding, "list_labels": list_labels, "calibrate": bool(calibrate),
-            "code": code_fingerprint()}
+            "protocol": protocol, "n_test_other": n_test_other, "code": code_fingerprint()}
 
 
 def load_reusable(results_path: str | os.PathLike | None, request: Mapping[str, Any]) -> dict | None:
@@ -90,13 +107,16 @@ def _evaluate(request: Mapping[str, Any], cache_dir: str | os.PathLike) -> dict[
     from ..methods import Decoding
 
     r = request
-    dec = Decoding(mode=r["decoding"], calibrate=r["calibrate"], list_labels=r["list_labels"], seed=r["seed"])
-    ds = load_dataset(r["dataset"])
-    needs_llm = any(registry.needs_llm(m) for m in r["methods"])
+    needs_llm = any(registry.needs_llm(m, r["protocol"]) for m in r["methods"])
     llm = make_backend(r["model"], cache_dir=cache_dir, base_url=r["base_url"]) if needs_llm else None
     try:
-        return run_evaluation(ds, llm, r["methods"], pref_fraction=r["pref_fraction"], pref_count=r["pref_count"],
-                              n_test=r["n_test"], seed=r["seed"], bank_temperature=r["temperature"], decoding=dec)
+        if r["protocol"] == "paper":  # the official splits of the named dataset, read by the paper protocol
+            return run_evaluation(r["dataset"], llm, r["methods"], protocol="paper", pref_fraction=r["pref_fraction"],
+                                  n_test=r["n_test"], n_test_other=r["n_test_other"], seed=r["seed"])
+        dec = Decoding(mode=r["decoding"], calibrate=r["calibrate"], list_labels=r["list_labels"], seed=r["seed"])
+        return run_evaluation(load_dataset(r["dataset"]), llm, r["methods"], pref_fraction=r["pref_fraction"],
+                              pref_count=r["pref_count"], n_test=r["n_test"], seed=r["seed"],
+                              bank_temperature=r["temperature"], decoding=dec)
     finally:
         if llm is not None:
             llm.close()
@@ -135,13 +155,14 @@ def inspect_bank(*, bank_method: str | None = None, cache_dir: str | os.PathLike
     config, run, source, request.
     """
     request = make_request(**params)
-    bank_method = bank_method or default_bank_method(request["methods"])
-    if registry.split_method_name(bank_method)[1] is not None:
+    bank_method = bank_method or default_bank_method(request["methods"], request["protocol"])
+    if registry.split_method_name(bank_method, request["protocol"])[1] is not None:
         raise CMError(f"bank_method names a base method (e.g. 'zero_shot'), got {bank_method!r}")
+    key = "shared" if request["protocol"] == "paper" else bank_method  # the paper's one bank serves every method
     res, source = (load_reusable(results_path, request) if reuse else None), "results"
-    if res is None or bank_method not in res.get("banks", {}) or bank_method not in res.get("predictions", {}):
+    if res is None or key not in res.get("banks", {}) or bank_method not in res.get("predictions", {}):
         res, source = _evaluate({**request, "methods": [bank_method]}, cache_dir), "evaluated"
-    bank = MemoryBank.from_dict(res["banks"][bank_method]["bank"])
+    bank = MemoryBank.from_dict(res["banks"][key]["bank"])
     test_pairs = [[b, g] for b, g in zip(res["predictions"][bank_method], res["gold"])]
     return {"method": bank_method, "bank": bank.to_dict(), "stats": bank.stats(),
             "coverage": bank_coverage(bank, test_pairs, res["config"].get("n_labels")), "test_pairs": test_pairs,
