@@ -12,7 +12,7 @@ from .backends import DEFAULT_CACHE_DIR, check_base_url, make_backend
 from .backends.openai_backend import DEADLINE_FACTOR, DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT
 from .bank import MemoryBank
 from .cm import estimate_bank
-from .data import Split, load_dataset, load_file, split_dataset
+from .data import Split, load_dataset, load_file, read_lines, split_dataset
 from .errors import CMError, run_command
 from .evaluate import run_evaluation
 from .methods import Decoding
@@ -52,6 +52,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "status 2, after writing its output. Default 0: any failed query is an error")
     p.add_argument("--text-column", default=None)
     p.add_argument("--label-column", default=None)
+    p.add_argument("--responses", default=None, metavar="FILE",
+                   help="own_words: the model's own vocabulary, one name per line (e.g. a dataset's original label "
+                        "names); CM maps its answers onto your labels")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -117,7 +120,7 @@ def cmd_estimate(a) -> dict:
         samples = split_dataset(ds, pref_fraction=a.pref_fraction, pref_count=a.pref_count, seed=a.seed,
                                 stratified=a.stratified).preference.examples
     llm = _backend_for(a, [a.method])
-    base = registry.build(a.method, labels=ds.labels, llm=llm, decoding=_decoding(a)).fit(samples)
+    base = registry.build(a.method, labels=ds.labels, llm=llm, decoding=_decoding(a), **_responses(a)).fit(samples)
     bank = estimate_bank(base, samples, 0.7 if a.temperature is None else a.temperature, a.seed)
     bank.meta.update({"dataset": ds.name, "labels": ds.labels, "protocol": "ours"})
     return _write_bank(bank, a.output)
@@ -146,14 +149,15 @@ def _write_bank(bank: MemoryBank, output: str) -> dict:
     return stats
 
 
+def _responses(a) -> dict:
+    """``responses=`` for own_words, from --responses FILE (one of the model's own names per line)."""
+    return {"responses": read_lines(a.responses, "responses")} if getattr(a, "responses", None) else {}
+
+
 def _read_queries(path: str, text_column: str | None) -> list[str]:
     p = Path(path)
     if p.suffix.lower() in (".txt", ""):
-        from .data import _decode, _read_bytes
-        lines = [ln.strip() for ln in _decode(_read_bytes(p), str(p)).splitlines()]
-        if not any(lines):
-            raise CMError(f"{path}: no queries")
-        return [ln for ln in lines if ln]
+        return read_lines(p, "queries")
     return load_file(p, text_column=text_column).texts
 
 
@@ -170,7 +174,8 @@ def cmd_predict(a) -> list[dict]:
         samples = load_file(a.samples, text_column=a.text_column, label_column=a.label_column).examples
     elif registry.needs_samples(name, bank_given=True):
         raise CMError(f"{registry.split_method_name(name)[0]} needs the preference samples: pass --samples FILE")
-    cm = registry.build(name, labels=labels, llm=_backend_for(a, [name]), decoding=_decoding(a), bank=bank)
+    cm = registry.build(name, labels=labels, llm=_backend_for(a, [name]), decoding=_decoding(a), bank=bank,
+                        **_responses(a))
     cm.fit(samples)
     queries = _read_queries(a.input, a.text_column)
     rows = [{"text": q, "base": p.info.get("base"), "answer": p.label, "action": p.info.get("action"),
@@ -210,7 +215,8 @@ def cmd_evaluate(a) -> dict:
     res = run_evaluation(ds, llm, methods, pref_fraction=a.pref_fraction, pref_count=a.pref_count,
                          n_test=a.n_test, seed=a.seed, stratified=a.stratified,
                          bank_temperature=0.7 if a.temperature is None else a.temperature,
-                         decoding=_decoding(a), bank=bank, split=split, test_fraction=test_fraction)
+                         decoding=_decoding(a), bank=bank, split=split, test_fraction=test_fraction,
+                         **_responses(a))
     return _report(a, res)
 
 

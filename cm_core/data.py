@@ -215,6 +215,19 @@ def load_file(path: str | os.PathLike, *, text_column: str | None = None, label_
     return Dataset(name, examples, sorted(labels) if labels else [], source)
 
 
+def read_lines(path: str | os.PathLike, what: str = "lines") -> list[str]:
+    """The non-empty lines of a UTF-8 text file (queries to answer, a model's vocabulary), whitespace collapsed."""
+    source = str(path)
+    lines = [" ".join(ln.split()) for ln in _decode(_read_bytes(path), source).splitlines()]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise DataError(f"no {what} (empty file?)", source=source)
+    for i, ln in enumerate(lines, 1):
+        if len(ln) > MAX_TEXT_CHARS:
+            raise DataError(f"a line is {len(ln)} characters, over the {MAX_TEXT_CHARS} limit", source=source, line=i)
+    return lines
+
+
 TEXT_HINTS = ("text", "input", "query", "utterance", "sentence", "question", "message")
 LABEL_HINTS = ("label", "my_label", "labels", "intent", "category", "class", "tag", "scenario")
 

@@ -137,7 +137,7 @@ def run_evaluation(dataset: Dataset | str, llm: LLM | None, methods: Sequence[st
                    seed: int = 40, stratified: bool = False, bank_temperature: float = 0.7,
                    decoding: Decoding | None = None, n_boot: int = 1000, bank: MemoryBank | None = None,
                    split: Split | None = None, test_fraction: float = 0.5, progress=None, protocol: str = "ours",
-                   n_test_other: int | None = None) -> dict[str, Any]:
+                   n_test_other: int | None = None, responses: Sequence[str] | None = None) -> dict[str, Any]:
     """Split, fit every base method on the preference samples and predict the test split; estimate its memory bank
     once (or use ``bank``, then the same bank for every base method) and predict with each of its CM variants.
 
@@ -145,7 +145,8 @@ def run_evaluation(dataset: Dataset | str, llm: LLM | None, methods: Sequence[st
     naming a base alone also evaluates its "+cm" variant. ``split`` gives the preference samples and test rows
     explicitly (e.g. a separate test file) instead of splitting ``dataset``. ``pref_fraction`` defaults to 0.05.
     ``protocol="paper"`` runs the official experiment instead (:func:`run_paper_evaluation`; it refuses the
-    arguments only ours has). Returns the results JSON (see README).
+    arguments only ours has). ``responses``: the model's own vocabulary, for methods that answer in it
+    (``own_words``). Returns the results JSON (see README).
     """
     if protocol == "paper":
         ours_only = {"pref_count": pref_count is not None, "stratified": stratified, "decoding": decoding is not None,
@@ -194,7 +195,8 @@ def run_evaluation(dataset: Dataset | str, llm: LLM | None, methods: Sequence[st
     for base_name, variants in todo.items():
         tick(base_name)
         t0 = time.time()
-        base = registry.build(base_name, labels=dataset.labels, llm=llm, decoding=decoding).fit(pref)
+        own = {"responses": responses} if getattr(registry.METHODS[base_name], "uses_responses", False) else {}
+        base = registry.build(base_name, labels=dataset.labels, llm=llm, decoding=decoding, **own).fit(pref)
         predictions[base_name] = [p.label for p in base.predict(test.texts)]
         extra[base_name] = {"time_s": round(time.time() - t0, 2), "kind": _kind(base_name)}
         count_failed(base_name)
@@ -210,7 +212,7 @@ def run_evaluation(dataset: Dataset | str, llm: LLM | None, methods: Sequence[st
                 skipped[name] = {"skipped": "the base method gives no p(y|x) on this backend"}
                 continue
             t0 = time.time()
-            cm = registry.build(name, labels=dataset.labels, llm=llm, decoding=decoding, bank=base_bank,
+            cm = registry.build(name, labels=dataset.labels, llm=llm, decoding=decoding, bank=base_bank, **own,
                                 base=base).fit(pref)
             preds = cm.predict(test.texts)
             predictions[name] = [p.label for p in preds]
@@ -230,6 +232,7 @@ def run_evaluation(dataset: Dataset | str, llm: LLM | None, methods: Sequence[st
               "pref_fraction": pref_fraction, "pref_count": len(pref), "n_test": len(test), "seed": seed,
               "test_source": test.source if test.source != dataset.source else None,
               "stratified": stratified, "bank_temperature": bank_temperature, "bank_given": bank is not None,
+              "responses": list(responses) if responses else None,
               "decoding": asdict(decoding), "scoring": scoring_mode(llm, decoding)}
     calls = asdict(llm.stats) if llm is not None else {}
     return {"version": RESULTS_VERSION, "config": config, "results": results, "banks": banks,

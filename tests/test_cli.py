@@ -253,3 +253,31 @@ def test_paper_estimate_then_evaluate_with_that_bank(tmp_path, fake_openai, caps
     assert all("Considering the following query" in b["messages"][0]["content"] for b in reasked)
     # every preference row answered 'card arrival': one entry, many candidates, so every answer is re-asked
     assert res["results"]["zero_shot+cm"]["actions"] == {"choose": 6}
+
+
+def test_own_words_with_a_response_file_on_a_fake_backend(tmp_path, fake_openai, capsys):
+    """--responses gives own_words the model's vocabulary; the bank maps its words onto the file's labels, and the
+    results JSON records the vocabulary."""
+    import json as _json
+    words = {"alarm": "wake-up buzz", "weather": "sky report", "music": "tunes"}
+    rows = [(f"{w} request number {i}", u) for i in range(10) for w, u in words.items()]
+    data = tmp_path / "mine.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{u}\n" for t, u in rows), encoding="utf-8")
+    vocab = tmp_path / "words.txt"
+    vocab.write_text("alarm\nweather\nmusic\n", encoding="utf-8")
+    # a generation-only server: the model says the word of its vocabulary that the query contains
+    server = fake_openai(lambda query, listed: next((w for w in listed if w.split()[0] in query), listed[0])
+                         if listed else "none")
+    out = tmp_path / "res.json"
+    rc = main(["evaluate", "--dataset", str(data), "--model", "openai:fake", "--base-url", server.base_url,
+               "--methods", "own_words,own_words+cm", "--responses", str(vocab), "--pref-fraction", "0.3",
+               "--n-test", "12", "--cache-dir", str(tmp_path / "cache"), "--output", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = _json.loads(out.read_text(encoding="utf-8"))
+    assert res["config"]["responses"] == ["alarm", "weather", "music"]
+    assert res["results"]["own_words"]["accuracy"] == 0.0  # its words are never the user's labels
+    assert res["results"]["own_words+cm"]["accuracy"] == 1.0  # the bank maps each onto the user's
+    assert res["banks"]["own_words"]["bank"]["counts"]["alarm"] == {"wake-up buzz": 9} or \
+        set(res["banks"]["own_words"]["bank"]["counts"]["alarm"]) == {"wake-up buzz"}
+    assert main(["evaluate", "--dataset", str(data), "--methods", "knn", "--responses", str(tmp_path / "none.txt"),
+                 "--output", str(tmp_path / "x.json")]) == 2
