@@ -5,30 +5,46 @@ key's handling, and how every error reaches the page.
 - **Backends.** Local models are shared read-only (one per spec, at most ``CM_DEMO_MAX_MODELS``, behind a lock);
   an OpenAI-compatible client is built per request because it holds the key. The key is never stored in state,
   a log line or a message; the server's own OPENAI_API_KEY goes only to the server's own endpoint.
-- **Public deployments** (SPACE_ID set, or CM_DEMO_PUBLIC=1) refuse what a visitor could abuse: Hugging Face
-  models by id (gigabytes of download into memory shared by everyone; allow with CM_DEMO_ALLOW_HF=1, optionally
-  only CM_DEMO_HF_MODELS=id1,id2) and base URLs that resolve to private, loopback or link-local addresses (the
-  server's own network; allow with CM_DEMO_ALLOW_PRIVATE_URLS=1).
+- **Outbound connections.** On every deployment a base URL typed in the page must resolve to public internet
+  addresses: private, loopback, link-local (cloud metadata), reserved and other non-global addresses are refused
+  (a visitor could otherwise reach, or port-scan, the server's own network), unless the owner sets
+  CM_DEMO_ALLOW_PRIVATE_URLS=1 (a local vLLM / Ollama on your own machine). The name is resolved once; the
+  connection is pinned to the addresses that were checked (no second lookup, so DNS rebinding cannot swap them),
+  TLS still verifies the name, redirects are not followed and no proxy from the environment is used.
+- **Public deployments** (SPACE_ID set, or CM_DEMO_PUBLIC=1) also refuse Hugging Face models by id (gigabytes of
+  download into memory shared by everyone; allow with CM_DEMO_ALLOW_HF=1, optionally only
+  CM_DEMO_HF_MODELS=id1,id2). A model that cannot be loaded is "not found", whatever the reason, so the page never
+  tells whether a path exists on the server.
+- **Start-up.** :func:`prepare` loads the default local model in the background when the app starts (the
+  embedded model's one-time conversion takes ~30 s); a handler that needs it waits with its own progress line.
 - **Errors.** :func:`guarded` turns every exception into a ``gr.Error`` with a readable message, HTML-escaped
   (gradio renders messages as HTML) and with the request's API key redacted.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import html
 import inspect
+import ipaddress
+import logging
 import os
 import re
+import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import gradio as gr
 
 from cm_core.backends import DEFAULT_CACHE_DIR, CachedLLM, ResponseCache, make_backend
-from cm_core.errors import CMError
+from cm_core.errors import BackendError, CMError
+
+log = logging.getLogger(__name__)
 
 try:  # ZeroGPU on Hugging Face Spaces; the app never needs it
     import spaces  # type: ignore
@@ -158,49 +174,215 @@ def check_hf_allowed(model: str) -> None:
         raise UserError(f"This demo serves only these Hugging Face models: {esc(', '.join(allowed))}.")
 
 
-def check_base_url(url: str) -> None:
-    """A typed base URL must be http(s); on a public deployment it must not reach the server's own network."""
-    import ipaddress
-    import socket
-    from urllib.parse import urlsplit
-    if not re.match(r"^https?://", url):
-        raise UserError("The base URL must start with http:// or https://, e.g. http://127.0.0.1:8000/v1")
-    parts = urlsplit(url)
-    host = parts.hostname
+def allow_private_urls() -> bool:
+    """CM_DEMO_ALLOW_PRIVATE_URLS=1: the owner lets visitors reach private and local addresses (a local server)."""
+    return _flag("CM_DEMO_ALLOW_PRIVATE_URLS")
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (IPv4 first), once."""
+    infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    addrs = list(dict.fromkeys(info[4][0] for info in infos))
+    return sorted(addrs, key=lambda a: ":" in a)
+
+
+def check_base_url(url: str) -> tuple[str, list[str]]:
+    """A typed base URL: http(s) with a host, resolved ONCE; refused unless every address is a public (global) one
+    (CM_DEMO_ALLOW_PRIVATE_URLS=1 allows private and local ones). Returns (host as sent, checked addresses): the
+    connection is then pinned to those addresses (:func:`pinned_http_client`). The message is the same for a
+    name that does not resolve and one that resolves to a private address (no oracle for internal names)."""
+    if not re.match(r"^https?://", url, re.I):
+        raise UserError("The base URL must start with http:// or https://, e.g. https://api.example.com/v1")
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:
+        raise UserError("The base URL is not a valid URL, e.g. https://api.example.com/v1") from None
     if not host:
         raise UserError("The base URL has no host name, e.g. https://api.example.com/v1")
-    if not is_public() or _flag("CM_DEMO_ALLOW_PRIVATE_URLS"):
-        return
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        addrs = {info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
-    except (OSError, ValueError):
-        raise UserError(f"Cannot resolve the base URL's host {esc(host)}.") from None
-    for a in addrs:
-        ip = ipaddress.ip_address(a.split("%")[0])
-        if not ip.is_global:  # private, loopback, link-local (cloud metadata), reserved, ...
-            raise UserError(f"This public demo does not connect to {esc(host)}: it resolves to a private or "
-                            "local address. Run the demo on your own machine to use a local server.")
+        host = host.encode("idna").decode("ascii").lower() if not _is_ip(host) else host
+    except UnicodeError:
+        raise UserError(f"The base URL's host name {esc(host)} is not a valid name.") from None
+    refused = UserError(f"This demo connects only to servers at public internet addresses, and {esc(host)} is not "
+                        "one (it resolves to a private, local or reserved address, or not at all). To use a server "
+                        "on your own machine, run the demo there with CM_DEMO_ALLOW_PRIVATE_URLS=1.")
+    try:
+        addrs = _resolve(host, port)
+    except (OSError, UnicodeError, ValueError):
+        raise refused from None
+    if not addrs:
+        raise refused
+    if not allow_private_urls():
+        for a in addrs:
+            if not ipaddress.ip_address(a.split("%")[0]).is_global:  # private, loopback, link-local, reserved, ...
+                raise refused
+    return host, addrs
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _http_modules():
+    """The HTTP client package the installed openai SDK is built on (httpx, or its successor httpx2) and its
+    transport core."""
+    import openai._base_client as base_client
+    if hasattr(base_client, "httpx2"):
+        import httpcore2 as hc
+        import httpx2 as hx
+    else:  # pragma: no cover - older openai SDKs
+        import httpcore as hc
+        import httpx as hx
+    return hx, hc
+
+
+def pinned_http_client(host: str, addresses: list[str], timeout: float):
+    """An async HTTP client for openai's ``http_client=`` that connects only to ``host`` and only at ``addresses``
+    (those :func:`check_base_url` checked): no second DNS lookup, no redirects followed, no proxy or other setting
+    from the environment. The URL, the Host header, TLS's SNI and its certificate check keep the host name."""
+    hx, hc = _http_modules()
+    allowed = host.strip("[]").lower()
+
+    class PinnedBackend(hc.AsyncNetworkBackend):
+        def __init__(self):
+            self.inner = hc.AnyIOBackend()
+
+        async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+            asked = host.decode("ascii") if isinstance(host, bytes) else str(host)
+            if asked.strip("[]").lower() != allowed:
+                raise hc.ConnectError(f"the demo connects only to {allowed}")
+            last: Exception | None = None
+            for ip in addresses:
+                try:
+                    return await self.inner.connect_tcp(ip, port, timeout=timeout, local_address=local_address,
+                                                        socket_options=socket_options)
+                except (hc.ConnectError, hc.ConnectTimeout, OSError) as e:
+                    last = e
+            if isinstance(last, (hc.ConnectError, hc.ConnectTimeout)):
+                raise last
+            raise hc.ConnectError(f"cannot connect to {allowed} ({type(last).__name__ if last else 'no address'})")
+
+        async def connect_unix_socket(self, path, timeout=None, socket_options=None):
+            raise hc.ConnectError("the demo does not connect to unix sockets")
+
+        async def sleep(self, seconds):
+            await self.inner.sleep(seconds)
+
+    transport = hx.AsyncHTTPTransport(trust_env=False)
+    transport._pool = hc.AsyncConnectionPool(ssl_context=hx.create_ssl_context(trust_env=False),
+                                             network_backend=PinnedBackend(), max_connections=16,
+                                             max_keepalive_connections=8, keepalive_expiry=5.0)
+    return hx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False, timeout=timeout)
 
 
 # --------------------------------------------------------------------------- the model handle
 
 _BACKENDS: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
 _BACKENDS_LOCK = threading.Lock()
+_PREPARING: dict[tuple, concurrent.futures.Future] = {}
+_FIRST_RUN: dict[tuple, bool] = {}
+_PREPARE_LOCK = threading.Lock()
+_PREPARER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cm-demo-prepare")
+OPENAI_TIMEOUT = 60.0
+
+
+def _key(spec: str, persistent_cache: bool) -> tuple:
+    return (spec, str(cache_dir()), persistent_cache)
+
+
+def _load_model(spec: str, persistent_cache: bool):
+    """Load a local model (the embedded one is converted once, on its first use on this machine). Any failure is
+    "model not found": the reason could tell a visitor whether a path exists on the server."""
+    try:
+        return make_backend(spec, cache_dir=cache_dir(), use_cache=persistent_cache)
+    except (BackendError, OSError, ValueError) as e:
+        if spec.startswith("hf:"):
+            log.info("could not load %s: %s", spec, e)
+            raise UserError(f"Model not found: {esc(spec[3:])}. Give a Hugging Face model id this server can load, "
+                            "or use the embedded model or an OpenAI-compatible API.") from None
+        raise
 
 
 def _shared_model(spec: str, persistent_cache: bool):
-    key = (spec, str(cache_dir()), persistent_cache)
-    with _BACKENDS_LOCK:  # first user waits while the model loads; later ones get the same handle
+    key = _key(spec, persistent_cache)
+    with _BACKENDS_LOCK:
         llm = _BACKENDS.get(key)
-        if llm is None:
-            llm = make_backend(spec, cache_dir=cache_dir(), use_cache=persistent_cache)
-            _BACKENDS[key] = llm
-            while len(_BACKENDS) > MAX_LOCAL_MODELS:
-                _BACKENDS.popitem(last=False)  # dropped from the cache; a request still using it keeps it alive
-        else:
+        if llm is not None:
             _BACKENDS.move_to_end(key)
-        return llm
+            return llm
+    llm = _load_model(spec, persistent_cache)
+    with _BACKENDS_LOCK:
+        _BACKENDS[key] = llm
+        while len(_BACKENDS) > MAX_LOCAL_MODELS:
+            _BACKENDS.popitem(last=False)  # dropped from the cache; a request still using it keeps it alive
+    return llm
+
+
+def needs_conversion(spec: str) -> bool:
+    """Whether loading ``spec`` first converts the model (the embedded model's one-time dequantization)."""
+    if spec != "embedded":
+        return False
+    from cm_core.backends.hf import EMBEDDED_NAME, model_dir
+    return not (model_dir() / EMBEDDED_NAME / "config.json").is_file()
+
+
+def prepare(backend: str = "embedded", model: str = "") -> concurrent.futures.Future | None:
+    """Start loading a local model in the background, once per model (None for the OpenAI backend, which loads
+    nothing). Every request for that model then waits on the same future; a failed load is tried again."""
+    spec = model_spec(backend, model)
+    if spec.startswith("openai:"):
+        return None
+    if spec.startswith("hf:"):
+        check_hf_allowed(spec[3:])
+    persistent = use_response_cache()
+    key = _key(spec, persistent)
+    with _PREPARE_LOCK:
+        fut = _PREPARING.get(key)
+        loaded = key in _BACKENDS
+        if fut is None or (fut.done() and (fut.exception() is not None or not loaded)):
+            _FIRST_RUN[key] = needs_conversion(spec)
+            fut = _PREPARER.submit(_shared_model, spec, persistent)
+            _PREPARING[key] = fut
+        return fut
+
+
+def first_run(backend: str, model: str) -> bool:
+    """Whether the model being prepared needed its one-time conversion."""
+    return _FIRST_RUN.get(_key(model_spec(backend, model), use_response_cache()), False)
+
+
+def prepare_at_startup() -> None:
+    """Called when the app starts: prepare the default model, so the first visitor does not wait for it."""
+    try:
+        prepare(default_backend(), os.environ.get("CM_DEMO_MODEL", ""))
+    except Exception as e:  # shown to the visitor who needs the model, with its reason
+        log.warning("could not start preparing the default model: %s", e)
+
+
+def wait_for_model(backend: str, model: str, progress=None) -> None:
+    """Block until the local model is ready, reporting progress: "preparing the model, first run only" (the
+    embedded model's one-time conversion) or "loading the model". Raises what loading raised."""
+    fut = prepare(backend, model)
+    if fut is None:
+        return
+    t0 = time.time()
+    first = first_run(backend, model)
+    expected = 40.0 if first else 10.0
+    what = ("preparing the model, first run only (a one-time conversion, about 30 s)" if first
+            else "loading the model")
+    while True:
+        try:
+            fut.result(timeout=0.5)
+            return
+        except concurrent.futures.TimeoutError:
+            waited = time.time() - t0
+            if progress is not None:
+                progress(min(0.95, waited / expected), desc=f"{what}: {waited:.0f} s")
 
 
 @contextlib.contextmanager
@@ -213,16 +395,18 @@ def backend_for(backend: str, model: str, base_url: str | None, api_key: str | N
     if spec.startswith("openai:"):
         base_url = (base_url or "").strip() or None
         api_key = (api_key or "").strip() or None
+        kw: dict[str, Any] = {}
         if base_url:
-            check_base_url(base_url)
+            host, addresses = check_base_url(base_url)
             if api_key is None:
                 api_key = "EMPTY"  # never send the server's own OPENAI_API_KEY to a URL a visitor typed
+            from openai import AsyncOpenAI
+            kw["client"] = AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=OPENAI_TIMEOUT, max_retries=0,
+                                       http_client=pinned_http_client(host, addresses, OPENAI_TIMEOUT))
         llm = owned = make_backend(spec, cache_dir=cache_dir(), use_cache=persistent, base_url=base_url,
-                                   api_key=api_key, max_retries=2, timeout=60.0)
+                                   api_key=api_key, max_retries=2, timeout=OPENAI_TIMEOUT, **kw)
     else:
-        if spec.startswith("hf:"):
-            check_hf_allowed(spec[3:])
-        llm = _shared_model(spec, persistent)
+        llm = prepare(backend, model).result()  # type: ignore[union-attr]
     if not persistent:
         llm = CachedLLM(llm, ResponseCache(":memory:"))
     try:
@@ -240,7 +424,9 @@ def launch_kwargs() -> dict:
     on_space = bool(os.environ.get("SPACE_ID"))
     return {"server_name": os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1"),
             "server_port": int(os.environ.get("GRADIO_SERVER_PORT") or 7860),
-            "max_file_size": f"{MAX_FILE_MB}mb", "show_error": False}
+            "max_file_size": f"{MAX_FILE_MB}mb", "show_error": False,
+            # the built-in example's test file is served from here, wherever the app was started from
+            "allowed_paths": [str(Path(__file__).resolve().parent / "examples")]}
 
 
 def queue_kwargs() -> dict:

@@ -29,6 +29,7 @@ def serve(cache_dir: str | os.PathLike) -> Iterator[str]:
 
     # One torch thread unless told otherwise: test machines are often shared, where 2 threads crawl.
     old_threads = deploy.set_torch_threads(os.environ.get("CM_DEMO_TORCH_THREADS") or 1)
+    deploy.prepare_at_startup()  # as app.main does: the default model loads while the server starts
     blocks = app.build_demo()
     port = free_port()
     kw = {**deploy.launch_kwargs(), "server_name": "127.0.0.1", "server_port": port}

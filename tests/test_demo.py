@@ -24,7 +24,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from cm_core import cli  # noqa: E402
 from cm_core.bank import MemoryBank  # noqa: E402
 from cm_core.data import Dataset, guess_columns, parse_examples, split_dataset  # noqa: E402
-from cm_core.errors import DataError  # noqa: E402
+from cm_core.errors import BackendError, DataError  # noqa: E402
 from cm_core.upload import decode_upload, preference_split, read_upload  # noqa: E402
 from demo import app, deploy, handlers  # noqa: E402
 from demo.testing import EXAMPLE_SAMPLES, EXAMPLE_TEST, serve  # noqa: E402
@@ -60,7 +60,14 @@ def client(url) -> Client:
     return Client(url, verbose=False)
 
 
+def _path(download) -> str | None:
+    """A download button's file (a handler returns the button, the API its file)."""
+    value = getattr(download, "value", download)
+    return value.get("path") if isinstance(value, dict) else value
+
+
 def _bank_of(download_path) -> dict:
+    download_path = _path(download_path)
     with open(download_path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -92,7 +99,7 @@ def _run_shown(markdown: str, files: dict, out_dir: Path, cache_dir: Path) -> Pa
     paths are relative to the repository root), its output under ``out_dir``. Returns the output file."""
     argv = _shown_argv(markdown)
     for i in range(1, len(argv)):
-        if argv[i - 1] in ("--dataset", "--test-file", "--bank", "--input"):
+        if argv[i - 1] in ("--dataset", "--test-file", "--bank", "--input", "--responses"):
             argv[i] = str(files.get(argv[i]) or REPO / argv[i])
             assert Path(argv[i]).is_file(), argv[i]
     out = out_dir / Path(argv[argv.index("--output") + 1]).name
@@ -109,10 +116,10 @@ def _assert_same_numbers(results_json: Path, table, per_row_csv) -> dict:
     assert list(shown) == [m for m, r in res["results"].items() if "skipped" not in r]
     for name, r in shown.items():
         c = res["results"][name]
-        assert (r["accuracy"], r["95% CI low"], r["95% CI high"], r["macro-F1"], r["n"]) == (
-            round(c["accuracy"], 3), round(c["ci95"][0], 3), round(c["ci95"][1], 3), round(c["macro_f1"], 3),
-            c["n"]), name
-        assert r["p vs its base (McNemar)"] == (None if c.get("p_value") is None else round(c["p_value"], 4))
+        assert (r["acc. %"], r["95% CI low"], r["95% CI high"], r["F1 %"], r["n"]) == (
+            handlers.pct(c["accuracy"]), handlers.pct(c["ci95"][0]), handlers.pct(c["ci95"][1]),
+            handlers.pct(c["macro_f1"]), c["n"]), name
+        assert r["p vs base"] == handlers.fmt_p(c.get("p_value"))
     per_row = pd.read_csv(per_row_csv, keep_default_na=False, dtype=str)
     assert per_row["text"].tolist() == res["texts"] and per_row["gold"].tolist() == res["gold"]
     for name, preds in res["predictions"].items():
@@ -124,12 +131,14 @@ def _assert_same_numbers(results_json: Path, table, per_row_csv) -> dict:
 
 def test_named_endpoints(url):
     api = client(url).view_api(return_format="dict", print_info=False)["named_endpoints"]
-    for name in ("/load_samples", "/use_example", "/build_bank", "/upload_bank", "/ask", "/evaluate",
-                 "/example_test"):
+    for name in ("/load_samples", "/load_pasted", "/use_example", "/build_bank", "/upload_bank", "/ask",
+                 "/evaluate", "/example_test"):
         assert name in api, name
     build = [p["parameter_name"] for p in api["/build_bank"]["parameters"]]
     assert build == ["text_col", "label_col", "backend", "model", "base_url", "api_key", "method", "pref_fraction",
-                     "temperature"]
+                     "temperature", "words"]
+    assert [p["parameter_name"] for p in api["/upload_bank"]["parameters"]] == ["file", "text_col", "label_col",
+                                                                                 "pref_fraction", "words"]
 
 
 # --------------------------------------------------------------------------- two users at once
@@ -137,9 +146,10 @@ def test_named_endpoints(url):
 def test_two_sessions_build_and_keep_their_own_banks(url, demo_cache, tmp_path):
     a, b, c = client(url), client(url), client(url)
     # A: the built-in example (CSV, columns id/utterance/my_label); B: a JSONL with other names and other labels.
-    tcol, lcol, status, preview, test_path = a.predict(api_name="/use_example")
+    tcol, lcol, status, preview, test_path, words = a.predict(api_name="/use_example")
     assert (tcol["value"], lcol["value"]) == ("utterance", "my_label")
-    assert "60 rows" in status and test_path.endswith(".csv")
+    assert "60 rows" in status and test_path.endswith(".csv") and "8 labels" in status
+    assert words.split() == handlers.EXAMPLE_WORDS.read_text(encoding="utf-8").split()  # the model's own words
     b_file = tmp_path / "b.jsonl"
     b_file.write_text("\n".join(json.dumps({"message": t, "tag": y}) for t, y in B_ROWS) + "\n", encoding="utf-8")
     tcol_b, lcol_b, status_b, _ = b.predict(handle_file(str(b_file)), "", api_name="/load_samples")
@@ -149,7 +159,7 @@ def test_two_sessions_build_and_keep_their_own_banks(url, demo_cache, tmp_path):
 
     def build(name, cl, cols, fraction):
         try:
-            results[name] = cl.predict(*cols, *EMBEDDED, "zero_shot", fraction, 0.7, api_name="/build_bank")
+            results[name] = cl.predict(*cols, *EMBEDDED, "zero_shot", fraction, 0.7, "", api_name="/build_bank")
         except Exception as e:  # pragma: no cover - reported below
             errors.append(f"{name}: {e!r}")
 
@@ -170,6 +180,7 @@ def test_two_sessions_build_and_keep_their_own_banks(url, demo_cache, tmp_path):
     assert _bank_labels(bank_a) <= EXAMPLE_LABELS and _bank_labels(bank_b) == B_LABELS
     assert set(bank_a["counts"]) <= EXAMPLE_LABELS and set(bank_b["counts"]) <= B_LABELS  # answers among own labels
     assert {r["your label"] for r in _rows(table_a)} == _bank_labels(bank_a)
+    assert {r["model answer"] for r in _rows(table_a)} == set(bank_a["counts"])
     # A's 48 other rows are held out (a CSV the shown evaluate line reads); B kept every row, so its bank is the
     # shown `estimate --all-samples` line's, count for count.
     held_rows = Path(held_a).read_text(encoding="utf-8").splitlines()
@@ -187,11 +198,11 @@ def test_two_sessions_build_and_keep_their_own_banks(url, demo_cache, tmp_path):
     base_b, cm_b, why_b, _, scores_b, all_b = b.predict("my cat is sick", *EMBEDDED, api_name="/ask")
     assert base_a in EXAMPLE_LABELS and cm_a in EXAMPLE_LABELS
     assert base_b in B_LABELS and cm_b in B_LABELS
-    assert {r["label"] for r in _rows(scores_a)} == EXAMPLE_LABELS
-    assert {r["label"] for r in _rows(scores_b)} == B_LABELS
-    assert why_a.split(":")[0] in ("keep", "map", "choose")
+    assert {r["model answer"] for r in _rows(scores_a)} == EXAMPLE_LABELS  # zero-shot: the model's answers are
+    assert {r["model answer"] for r in _rows(scores_b)} == B_LABELS  # the user's labels
+    assert why_a.split(":")[0] in ("keep", "map", "choose") and f"CM answered '{cm_a}'" in why_a
     methods_a = [r["method"] for r in _rows(all_a)]
-    assert any(m.startswith("knn") for m in methods_a) and any(m.startswith("logreg") for m in methods_a)
+    assert any(m.startswith("kNN") for m in methods_a) and any(m.startswith("logistic") for m in methods_a)
     with pytest.raises(AppError, match="Build a memory bank first"):
         c.predict("set a timer for the pasta", *EMBEDDED, api_name="/ask")
 
@@ -211,8 +222,9 @@ def test_two_sessions_build_and_keep_their_own_banks(url, demo_cache, tmp_path):
     rows = _rows(table)
     assert [r["method"] for r in rows] == EVAL_METHODS
     for r in rows:
-        assert 0 <= r["95% CI low"] <= r["accuracy"] <= r["95% CI high"] <= 1 and r["n"] == 8
-    assert rows[0]["p vs its base (McNemar)"] is None and 0 <= rows[1]["p vs its base (McNemar)"] <= 1
+        assert 0 <= r["95% CI low"] <= r["acc. %"] <= r["95% CI high"] <= 100 and r["n"] == 8
+    assert rows[0]["p vs base"] is None
+    assert rows[1]["p vs base"] == "< 0.0001" or 0 <= float(rows[1]["p vs base"]) <= 1
     assert "8 rows" in summary
     with open(csv_path, encoding="utf-8") as f:
         per_row = f.read().splitlines()
@@ -236,8 +248,9 @@ def test_held_out_rows_used_without_file():
         handlers._read_test(None, None, None, {"held": [], "labels": ["x", "y"]})
 
 
-def test_openai_compatible_backend(url, tmp_path, fake_openai):
+def test_openai_compatible_backend(url, tmp_path, fake_openai, monkeypatch):
     """A fake OpenAI-compatible server that files pet questions under fix-it, unless asked among two labels."""
+    monkeypatch.setenv("CM_DEMO_ALLOW_PRIVATE_URLS", "1")  # the fake server listens on 127.0.0.1
     truth = dict(B_ROWS)
 
     def responder(query, listed):
@@ -252,7 +265,7 @@ def test_openai_compatible_backend(url, tmp_path, fake_openai):
     b_file.write_text("\n".join(json.dumps({"message": t, "tag": y}) for t, y in B_ROWS) + "\n", encoding="utf-8")
     c.predict(handle_file(str(b_file)), "", api_name="/load_samples")
     backend = ("openai", "fake-model", server.base_url, key)
-    table, _plot, dl, _held, status = c.predict("message", "tag", *backend, "zero_shot", 1.0, 0.7,
+    table, _plot, dl, _held, status = c.predict("message", "tag", *backend, "zero_shot", 1.0, 0.7, "",
                                                 api_name="/build_bank")
     bank = _bank_of(dl)
     assert bank["counts"]["fix-it"] == {"fix-it": 3, "pet care": 3}
@@ -295,6 +308,7 @@ def test_shown_command_lines_repeat_the_demo(fake_openai, tmp_path, monkeypatch)
     server = fake_openai(_fake_responder)
     key = "sk-fake-KEY-for-the-line"
     monkeypatch.setenv("CM_DEMO_CACHE_DIR", str(tmp_path / "demo-cache"))
+    monkeypatch.setenv("CM_DEMO_ALLOW_PRIVATE_URLS", "1")  # the fake server listens on 127.0.0.1
     monkeypatch.setenv("OPENAI_API_KEY", key)  # what the line asks for; the demo itself gets the key field's key
     monkeypatch.setattr(handlers, "N_BOOT", 200)  # the line's CIs use 1000: compared below without CIs
     backend = ("openai", "fake-model", server.base_url, key)
@@ -310,8 +324,8 @@ def test_shown_command_lines_repeat_the_demo(fake_openai, tmp_path, monkeypatch)
         shown = {r["method"]: r for r in _rows(table)}
         assert list(shown) == list(res["results"])
         for name, r in shown.items():
-            assert (r["accuracy"], r["macro-F1"], r["n"]) == (round(res["results"][name]["accuracy"], 3),
-                                                               round(res["results"][name]["macro_f1"], 3),
+            assert (r["acc. %"], r["F1 %"], r["n"]) == (handlers.pct(res["results"][name]["accuracy"]),
+                                                               handlers.pct(res["results"][name]["macro_f1"]),
                                                                res["results"][name]["n"])
         rows = pd.read_csv(per_row, keep_default_na=False, dtype=str)
         assert all(rows[m].tolist() == p for m, p in res["predictions"].items())
@@ -320,13 +334,15 @@ def test_shown_command_lines_repeat_the_demo(fake_openai, tmp_path, monkeypatch)
     # 1. three quarters of the rows are preference samples, the rest held out
     state, *_ = handlers.load_samples(str(samples), "", None)
     state, table, _fig, bank_path, held_path, status = handlers.build_bank(
-        "text", "label", *backend, "zero_shot", 0.75, 0.7, state, progress=noop)
+        "text", "label", *backend, "zero_shot", 0.75, 0.7, "", state, progress=noop)
+    bank_path, held_path = _path(bank_path), _path(held_path)
     pref = preference_split(Dataset("s", parse_examples(samples.read_text(), source="s.csv", text_column="text")),
                             pref_fraction=0.75)
     assert [[e.text, e.label] for e in pref.preference.examples] == state["samples"] and len(state["samples"]) == 18
     assert Path(held_path).name == "held_out.csv" and key not in status
     files = {"my samples.csv": samples, "held_out.csv": held_path, "test.csv": test}
     ev_table, summary, per_row = handlers.evaluate_batch(None, "text", "label", *backend, state, progress=noop)
+    per_row = _path(per_row)
     assert _shown_argv(summary) == _shown_argv(status)  # the bank's line is the evaluation's
     res = same(_run_shown(summary, files, tmp_path, cli_cache), ev_table, per_row)
     assert res["banks"]["zero_shot"]["bank"]["counts"] == _bank_of(bank_path)["counts"]
@@ -334,24 +350,42 @@ def test_shown_command_lines_repeat_the_demo(fake_openai, tmp_path, monkeypatch)
 
     # 2. every row a preference sample: the bank is `estimate --all-samples`'s; a separate test file
     state, table, _fig, bank_path, held_path, status = handlers.build_bank(
-        "text", "label", *backend, "zero_shot", 1.0, 0.7, state, progress=noop)
+        "text", "label", *backend, "zero_shot", 1.0, 0.7, "", state, progress=noop)
+    bank_path, held_path = _path(bank_path), _path(held_path)
     assert held_path is None and _shown_argv(status)[0] == "estimate"
     assert _bank_of(_run_shown(status, files, tmp_path, cli_cache))["counts"] == _bank_of(bank_path)["counts"]
     ev_table, summary, per_row = handlers.evaluate_batch(str(test), "text", "label", *backend, state, progress=noop)
+    per_row = _path(per_row)
     assert "--test-file" in _shown_argv(summary) and "test.csv" in _shown_argv(summary)
     same(_run_shown(summary, files, tmp_path, cli_cache), ev_table, per_row)
 
     # 3. that bank uploaded again, with the samples loaded: the line passes it with --bank
     files["memory_bank.json"] = bank_path
-    state, *_ = handlers.upload_bank(bank_path, "text", "label", state)
+    state, *_ = handlers.upload_bank(bank_path, "text", "label", 1.0, "", state)
     ev_table, summary, per_row = handlers.evaluate_batch(str(test), "text", "label", *backend, state, progress=noop)
+    per_row = _path(per_row)
     argv = _shown_argv(summary)
     assert argv[argv.index("--bank") + 1] == "memory_bank.json"
     same(_run_shown(summary, files, tmp_path, cli_cache), ev_table, per_row)
 
+    # 3b. the same bank uploaded with a preference fraction below 1: the samples are split as a build splits them,
+    # the classifiers learn from the preference samples only and the held-out rows stay held out (issue item 9)
+    state, _t, _f, _dl, held_up, status = handlers.upload_bank(bank_path, "text", "label", 0.75, "", state)
+    held_up = _path(held_up)
+    assert len(state["samples"]) == 18 and len(state["held"]) == 6 and Path(held_up).name == "held_out.csv"
+    assert "stay held out" in status and "more than your" in status  # the bank saw 24 samples: it says so
+    files["held_out.csv"] = held_up
+    ev_table, summary, per_row = handlers.evaluate_batch(None, "text", "label", *backend, state, progress=noop)
+    per_row = _path(per_row)
+    assert {r["n"] for r in _rows(ev_table)} == {6}
+    argv = _shown_argv(summary)
+    assert argv[argv.index("--bank") + 1] == "memory_bank.json" and argv[argv.index("--pref-fraction") + 1] == "0.75"
+    same(_run_shown(summary, files, tmp_path, cli_cache), ev_table, per_row)
+
     # 4. the bank alone (no samples): the line is `predict`, whose answers are the per-row CSV's CM column
-    state, *_ = handlers.upload_bank(bank_path, None, None, None)
+    state, *_ = handlers.upload_bank(bank_path, None, None, 1.0, "", None)
     ev_table, summary, per_row = handlers.evaluate_batch(str(test), "text", "label", *backend, state, progress=noop)
+    per_row = _path(per_row)
     assert [r["method"] for r in _rows(ev_table)] == ["zero_shot", "zero_shot+cm"]
     out = _run_shown(summary, files, tmp_path, cli_cache)
     answers = [json.loads(line)["answer"] for line in out.read_text(encoding="utf-8").splitlines()]
@@ -360,12 +394,12 @@ def test_shown_command_lines_repeat_the_demo(fake_openai, tmp_path, monkeypatch)
 
 # --------------------------------------------------------------------------- bad input, and the app still works
 
-def test_bad_inputs_give_clear_messages_and_app_keeps_working(url, tmp_path):
+def test_bad_inputs_give_clear_messages_and_app_keeps_working(url, tmp_path, monkeypatch):
     c = client(url)
     with pytest.raises(AppError, match="Build a memory bank first"):
         c.predict("hello", *EMBEDDED, api_name="/ask")
     with pytest.raises(AppError, match="Load preference samples first"):
-        c.predict("text", "label", *EMBEDDED, "zero_shot", 1.0, 0.7, api_name="/build_bank")
+        c.predict("text", "label", *EMBEDDED, "zero_shot", 1.0, 0.7, "", api_name="/build_bank")
 
     bad = tmp_path / "latin1.csv"
     bad.write_bytes("text,label\ncafé crème,drinks\n".encode("latin-1"))
@@ -379,28 +413,29 @@ def test_bad_inputs_give_clear_messages_and_app_keeps_working(url, tmp_path):
     one_col.write_text("text\nhello\nworld\n", encoding="utf-8")
     with pytest.raises(AppError, match="only the column"):
         c.predict(handle_file(str(one_col)), "", api_name="/load_samples")
+    # A broken line or a missing label cannot be mended by picking other columns: refused at once, saying which
+    # line and what to do (not "pick the right columns").
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": \n', encoding="utf-8")
-    _, _, status, _ = c.predict(handle_file(str(broken)), "", api_name="/load_samples")
-    assert "malformed JSON" in status and "line 2" in status
-    with pytest.raises(AppError, match="line 2: malformed JSON"):
-        c.predict("text", "label", *EMBEDDED, "zero_shot", 1.0, 0.7, api_name="/build_bank")
-
-    # A label missing on line 3: loading says so, building refuses with the line number.
+    with pytest.raises(AppError, match="line 2: malformed JSON.*one JSON object per line") as err:
+        c.predict(handle_file(str(broken)), "", api_name="/load_samples")
+    assert "columns" not in str(err.value)
     missing = tmp_path / "missing.csv"
     missing.write_text("text,label\nwake me at six,wake-up buzz\nis it raining,\nplay jazz,tunes\n", encoding="utf-8")
-    _, _, status, _ = c.predict(handle_file(str(missing)), "", api_name="/load_samples")
-    assert "line 3" in status and "label" in status
-    with pytest.raises(AppError, match="line 3.*needs a label"):
-        c.predict("text", "label", *EMBEDDED, "zero_shot", 1.0, 0.7, api_name="/build_bank")
-    # Wrong columns, same column twice, a single label.
-    with pytest.raises(AppError, match="not in missing.csv; its columns are: text, label"):
-        c.predict("query", "label", *EMBEDDED, "zero_shot", 1.0, 0.7, api_name="/build_bank")
+    with pytest.raises(AppError, match="line 3: empty label.*needs your label"):
+        c.predict(handle_file(str(missing)), "", api_name="/load_samples")
+    # Wrong columns, same column twice (a good file loaded first).
+    good = tmp_path / "good.csv"
+    good.write_text("text,label\nwake me at six,wake-up buzz\nis it raining,sky report\nplay jazz,tunes\n",
+                    encoding="utf-8")
+    c.predict(handle_file(str(good)), "", api_name="/load_samples")
+    with pytest.raises(AppError, match="not in good.csv; its columns are: text, label"):
+        c.predict("query", "label", *EMBEDDED, "zero_shot", 1.0, 0.7, "", api_name="/build_bank")
     with pytest.raises(AppError, match="must be different"):
-        c.predict("text", "text", *EMBEDDED, "zero_shot", 1.0, 0.7, api_name="/build_bank")
-    c.predict(None, "text,label\nhello,greeting\nhi there,greeting\n", api_name="/load_samples")
-    with pytest.raises(AppError, match="Only one distinct label"):
-        c.predict("text", "label", *EMBEDDED, "zero_shot", 1.0, 0.7, api_name="/build_bank")
+        c.predict("text", "text", *EMBEDDED, "zero_shot", 1.0, 0.7, "", api_name="/build_bank")
+    # A single label: refused when the file is loaded, not at Build.
+    with pytest.raises(AppError, match="only one distinct label"):
+        c.predict("text,label\nhello,greeting\nhi there,greeting\n", api_name="/load_pasted")
     # A file over the size limit is refused by the server (max_file_size) before the app sees it.
     big = tmp_path / "big.csv"
     big.write_bytes(b"text,label\n" + b"x" * (6 * 1024 * 1024) + b",y\n")
@@ -410,27 +445,38 @@ def test_bad_inputs_give_clear_messages_and_app_keeps_working(url, tmp_path):
     # Banks: malformed, wrong version; then the paper's format works.
     bad_bank = tmp_path / "bank.json"
     bad_bank.write_text("{not json", encoding="utf-8")
-    with pytest.raises(AppError, match="malformed JSON"):
-        c.predict(handle_file(str(bad_bank)), "", "", api_name="/upload_bank")
+    with pytest.raises(AppError, match="not a memory bank: it is not valid JSON"):
+        c.predict(handle_file(str(bad_bank)), "", "", 1.0, "", api_name="/upload_bank")
     bad_bank.write_text(json.dumps({"format": "cm-memory-bank", "version": 99, "counts": {}}), encoding="utf-8")
     with pytest.raises(AppError, match="version 99"):
-        c.predict(handle_file(str(bad_bank)), "", "", api_name="/upload_bank")
+        c.predict(handle_file(str(bad_bank)), "", "", 1.0, "", api_name="/upload_bank")
 
-    # Backend errors: an OpenAI-compatible server that is not there (the key never shows), a model path that
-    # does not exist, an unknown backend.
+    # Backend errors: a private address is refused by default (no port scanning of the server's network); allowed,
+    # a server that is not there says so (the key never shows); a model path, existing or not, is "not found";
+    # an unknown backend.
     secret = "sk-test-VERYSECRET-0123456789"
     c.predict(api_name="/use_example")
-    with pytest.raises(AppError) as err:
-        c.predict("utterance", "my_label", "openai", "gpt-test", f"http://127.0.0.1:{_closed_port()}/v1", secret,
-                  "zero_shot", 0.1, 0.7, api_name="/build_bank")
-    assert "cannot connect" in str(err.value) and secret not in str(err.value)
-    with pytest.raises(AppError, match="could not load model"):
-        c.predict("utterance", "my_label", "hf", str(tmp_path / "no-such-model"), "", "", "zero_shot", 0.1, 0.7,
+    closed = f"http://127.0.0.1:{_closed_port()}/v1"
+    with pytest.raises(AppError, match="only to servers at public internet addresses"):
+        c.predict("utterance", "my_label", "openai", "gpt-test", closed, secret, "zero_shot", 0.1, 0.7, "",
                   api_name="/build_bank")
+    monkeypatch.setenv("CM_DEMO_ALLOW_PRIVATE_URLS", "1")
+    with pytest.raises(AppError) as err:
+        c.predict("utterance", "my_label", "openai", "gpt-test", closed, secret, "zero_shot", 0.1, 0.7, "",
+                  api_name="/build_bank")
+    assert "cannot connect" in str(err.value) and secret not in str(err.value)
+    monkeypatch.delenv("CM_DEMO_ALLOW_PRIVATE_URLS")
+    shown = []
+    for path in (tmp_path / "no-such-model", tmp_path, Path("/etc")):
+        with pytest.raises(AppError, match="Model not found") as err:
+            c.predict("utterance", "my_label", "hf", str(path), "", "", "zero_shot", 0.1, 0.7, "",
+                      api_name="/build_bank")
+        shown.append(str(err.value).replace(str(path), "PATH"))
+    assert len(set(shown)) == 1, shown  # the same words whether the path exists or not
     with pytest.raises(AppError, match="needs a model name"):
-        c.predict("utterance", "my_label", "openai", "", "", "", "zero_shot", 0.1, 0.7, api_name="/build_bank")
+        c.predict("utterance", "my_label", "openai", "", "", "", "zero_shot", 0.1, 0.7, "", api_name="/build_bank")
     with pytest.raises(AppError, match="base URL must start with http"):
-        c.predict("utterance", "my_label", "openai", "gpt-test", "ftp://x", "", "zero_shot", 0.1, 0.7,
+        c.predict("utterance", "my_label", "openai", "gpt-test", "ftp://x", "", "zero_shot", 0.1, 0.7, "",
                   api_name="/build_bank")
 
     # After all that, the same session still works: a paper-format bank over the example's samples, then a query.
@@ -438,13 +484,13 @@ def test_bad_inputs_give_clear_messages_and_app_keeps_working(url, tmp_path):
              "wake-up buzz": ["wake-up buzz"]}
     bank_file = tmp_path / "paper_bank.json"
     bank_file.write_text(json.dumps(paper), encoding="utf-8")
-    table, _plot, dl, held, status = c.predict(handle_file(str(bank_file)), "utterance", "my_label",
+    table, _plot, dl, held, status = c.predict(handle_file(str(bank_file)), "utterance", "my_label", 1.0, "",
                                                api_name="/upload_bank")
     assert "loaded from paper\\_bank\\.json" in status and held is None
     assert len(_rows(table)) == 6 and _bank_of(dl)["meta"] == {"imported_from": "paper-format"}
     base, cm, why, cands, scores, all_methods = c.predict("play the morning news podcast", *EMBEDDED,
                                                           api_name="/ask")
-    assert base in EXAMPLE_LABELS and cm in EXAMPLE_LABELS
+    assert base in EXAMPLE_LABELS and cm in EXAMPLE_LABELS and f"CM answered '{cm}'" in why
     if base == "tunes":
         assert why.startswith("choose") and {r["candidate"] for r in _rows(cands)} == {"tunes", "headlines"}
     assert len(_rows(all_methods)) == 4  # baseline, CM, knn, logreg (the example's samples are loaded)
@@ -562,7 +608,35 @@ def test_heatmap_and_table():
     ax = fig.axes[0]
     assert ax.get_xlabel() == "user label" and {t.get_text() for t in ax.get_yticklabels()} == {"grub", "tunes"}
     df = handlers.bank_frame(bank)
-    assert list(df.columns) == ["model answer (response)", "your label", "count", "p"] and len(df) == 3
+    assert list(df.columns) == ["model answer", "your label", "count", "p"] and len(df) == 3
+
+
+def test_heatmap_title_fits_and_emoji_labels_are_drawn():
+    """Issue item 8: the heatmap's title is inside the figure, and an emoji label is written out, not an empty box."""
+    from demo.handlers import _font_chars
+    bank = MemoryBank.from_pairs([("🍕 food", "grub 🍝"), ("alarm", "wake-up ⏰"), ("alarm", "grub 🍝"),
+                                  ("music", "tunes")] * 2)
+    fig = handlers.heatmap(bank)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    box, title = fig.bbox, ax.title.get_window_extent()
+    assert ax.get_title() and title.x0 >= box.x0 - 1 and title.x1 <= box.x1 + 1
+    drawn = [t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels()]
+    assert "grub (spaghetti)" in drawn and "(slice of pizza) food" in drawn
+    assert all(ord(ch) in _font_chars() for t in drawn for ch in t), drawn
+
+
+def test_small_wording():
+    """Issue item 8: p is never a bare 0, counts agree in number."""
+    assert handlers.fmt_p(0.0) == "< 0.0001" and handlers.fmt_p(3e-5) == "< 0.0001"
+    assert handlers.fmt_p(0.61) == "0.6100" and handlers.fmt_p(None) is None
+    assert handlers._n(1, "label") == "1 label" and handlers._n(3, "label") == "3 labels"
+    assert handlers.fmt_pct(0.4) == "40 %" and handlers.fmt_pct(1 / 3) == "33.3 %"
+    state, *_rest, status, _preview = handlers.load_pasted("text,label\nhi,a\nyo,a\nhey,b\n", None)
+    assert "2 labels" in status and "3 rows" in status
+    off, on = handlers.downloads_ready(None, __file__)  # the page turns a download button on only with a file
+    assert (off["interactive"], on["interactive"]) == (False, True)
+    assert not handlers.cleared()[2].interactive and handlers.cleared()[2].value is None
 
 
 def test_launch_defaults(monkeypatch):
@@ -585,6 +659,7 @@ def test_space_metadata_points_at_the_app():
 
 def test_response_cache_can_stay_in_memory(monkeypatch, tmp_path):
     monkeypatch.setenv("CM_DEMO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CM_DEMO_ALLOW_PRIVATE_URLS", "1")
     monkeypatch.setenv("CM_DEMO_RESPONSE_CACHE", "0")
     with deploy.backend_for("openai", "m", "http://127.0.0.1:9/v1", "sk-unused-123456") as llm:
         assert str(llm.cache.path) == ":memory:"
@@ -600,6 +675,7 @@ def test_server_key_never_sent_to_a_visitors_base_url(monkeypatch, fake_openai):
     """The Space owner's OPENAI_API_KEY must not leak to a URL typed into the page (the visitor's own server)."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-OWNER-secret-987654321")
     monkeypatch.setenv("CM_DEMO_RESPONSE_CACHE", "0")
+    monkeypatch.setenv("CM_DEMO_ALLOW_PRIVATE_URLS", "1")
     server = fake_openai({"q": "fix-it"})
     from cm_core.backends.base import GenRequest
     with deploy.backend_for("openai", "fake-model", server.base_url, "") as llm:
@@ -607,20 +683,28 @@ def test_server_key_never_sent_to_a_visitors_base_url(monkeypatch, fake_openai):
     assert server.auth_headers and all("OWNER" not in h for h in server.auth_headers)
 
 
+@pytest.mark.parametrize("public", [True, False])
 @pytest.mark.parametrize("url_", ["http://127.0.0.1:8000/v1", "http://localhost/v1", "http://10.1.2.3/v1",
-                                  "http://169.254.169.254/latest", "http://[::1]:8000/v1", "http://192.168.0.7/v1"])
-def test_public_demo_refuses_private_base_urls(monkeypatch, url_):
-    monkeypatch.setenv("SPACE_ID", "someone/cm-demo")
-    with pytest.raises(deploy.UserError, match="private or local"):
-        deploy.check_base_url(url_)
-    monkeypatch.setenv("CM_DEMO_ALLOW_PRIVATE_URLS", "1")  # the owner can allow it
-    deploy.check_base_url(url_)
-
-
-def test_local_demo_allows_local_servers_and_checks_scheme(monkeypatch):
+                                  "http://169.254.169.254/latest", "http://[::1]:8000/v1", "http://192.168.0.7/v1",
+                                  "http://0.0.0.0:22/", "http://100.64.0.1/v1", "http://[fd00::1]/v1",
+                                  "http://240.0.0.1/v1", "http://2130706433/v1", "http://no-such-host.invalid/v1"])
+def test_every_deployment_refuses_private_base_urls(monkeypatch, url_, public):
+    """Issue item 10: private, loopback, link-local and reserved addresses (and names that do not resolve, in the
+    same words: no oracle) are refused on every deployment, public or not, unless the owner allows them."""
+    monkeypatch.delenv("CM_DEMO_ALLOW_PRIVATE_URLS", raising=False)
     monkeypatch.delenv("SPACE_ID", raising=False)
-    monkeypatch.delenv("CM_DEMO_PUBLIC", raising=False)
-    deploy.check_base_url("http://127.0.0.1:8000/v1")  # vLLM / Ollama on your own machine
+    monkeypatch.setenv("CM_DEMO_PUBLIC", "1" if public else "0")
+    with pytest.raises(deploy.UserError, match="only to servers at public internet addresses"):
+        deploy.check_base_url(url_)
+    if "invalid" not in url_:
+        monkeypatch.setenv("CM_DEMO_ALLOW_PRIVATE_URLS", "1")  # the owner can allow a local server
+        host, addresses = deploy.check_base_url(url_)
+        assert addresses
+
+
+def test_base_url_scheme_and_host_are_checked(monkeypatch):
+    monkeypatch.setenv("CM_DEMO_ALLOW_PRIVATE_URLS", "1")
+    assert deploy.check_base_url("http://127.0.0.1:8000/v1") == ("127.0.0.1", ["127.0.0.1"])  # vLLM / Ollama
     with pytest.raises(deploy.UserError, match="http:// or https://"):
         deploy.check_base_url("file:///etc/passwd")
     with pytest.raises(deploy.UserError, match="no host"):
@@ -642,3 +726,334 @@ def test_public_demo_loads_hf_models_only_when_allowed(monkeypatch):
     monkeypatch.delenv("CM_DEMO_HF_MODELS")
     monkeypatch.delenv("CM_DEMO_ALLOW_HF")
     deploy.check_hf_allowed("any/model")  # on your own machine, anything goes
+
+
+# --------------------------------------------------------------------------- the model's own words (issue item 1)
+
+WORD_OF = {"money stuff": "finance", "pet care": "animals", "fix-it": "repairs"}
+MODEL_WORDS = "finance\nanimals\nrepairs\nweather\n"
+
+
+def _gold(query: str) -> str | None:
+    for t, y in ROWS + TEST_ROWS:
+        if query == t or query.startswith(t):
+            return y
+    return None
+
+
+def _words_responder(query, listed):
+    """A model that knows its own words (finance, animals, repairs) but, asked among the user's labels, files pets
+    under fix-it, even when re-asked between fix-it and pet care: zero-shot + CM cannot mend that, own words can."""
+    gold = _gold(query) or "money stuff"
+    if "finance" in listed:
+        return WORD_OF[gold]
+    return "fix-it" if gold == "pet care" and "fix-it" in listed else (gold if gold in listed else listed[0])
+
+
+def test_model_words_files():
+    """The example's vocabulary: plain MASSIVE scenario names that fit its eight request types; the generic list is
+    all 18 scenario names of data/massive_scenario."""
+    import json as _json
+    from cm_core.upload import parse_words
+    massive = sorted({_json.loads(line)["label"] for line in
+                      (REPO / "data" / "massive_scenario" / "small.jsonl").read_text(encoding="utf-8").splitlines()})
+    generic = parse_words(handlers.GENERIC_WORDS.read_text(encoding="utf-8"))
+    example = parse_words(handlers.EXAMPLE_WORDS.read_text(encoding="utf-8"))
+    assert sorted(generic) == massive and len(generic) == 18
+    assert set(example) <= set(massive) and {"alarm", "weather", "music", "news", "calendar", "transport", "iot",
+                                              "cooking"} <= set(example)
+
+
+def test_auto_picks_the_base_that_wins_on_held_out_rows(fake_openai, tmp_path, monkeypatch):
+    """Build with 'auto' builds both banks, compares their CM on the held-out rows and keeps the better, saying so
+    in one sentence with numbers; a tie keeps zero-shot. Ask, evaluate and the per-row CSV follow the choice; a
+    test row that looks like a formula reaches the CSV as text (issue item 7)."""
+    import pandas as pd
+    server = fake_openai(_words_responder)
+    monkeypatch.setenv("CM_DEMO_CACHE_DIR", str(tmp_path / "demo-cache"))
+    monkeypatch.setenv("CM_DEMO_ALLOW_PRIVATE_URLS", "1")
+    monkeypatch.setattr(handlers, "N_BOOT", 100)
+    backend = ("openai", "fake-model", server.base_url, "sk-fake-words-123456")
+    noop = lambda *a, **k: None  # noqa: E731
+    samples = tmp_path / "s.csv"
+    samples.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in ROWS), encoding="utf-8")
+    state, *_ = handlers.load_samples(str(samples), "", None)
+    state, table, _fig, bank_dl, held_dl, status = handlers.build_bank(
+        "text", "label", *backend, "auto", 0.75, 0.7, MODEL_WORDS, state, progress=noop)
+    assert state["method"] == "own_words" and set(state["banks"]) == {"own_words", "zero_shot"}
+    assert re.search(r"On your 6 held-out rows, the model's own words \+ CM got 100 % vs \d+(\.\d)? % for "
+                     r"zero-shot over your labels \+ CM; (kNN|logistic regression) trained on the same 18 samples "
+                     r"got \d+", status), status
+    assert {r["model answer"] for r in _rows(table)} <= {"finance", "animals", "repairs", "weather"}
+    assert _bank_of(bank_dl)["meta"]["responses"] == ["finance", "animals", "repairs", "weather"]
+    argv = _shown_argv(status)
+    assert argv[argv.index("--responses") + 1] == "model_words.txt" and "save the model" in status
+    assert "own_words+cm,own_words+cm_soft,zero_shot,knn,logreg" in argv
+    base, cm, why, cands, scores, all_rows = handlers.ask("order more cat food today", *backend, state)
+    assert (base, cm) == ("animals", "pet care") and why.startswith("map:") and "CM answered 'pet care'" in why
+    assert {r["method"] for r in _rows(all_rows)} >= {"the model's own words (model alone)",
+                                                       "the model's own words + CM", "zero-shot over your labels + CM"}
+    test = tmp_path / "t.csv"
+    test.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in TEST_ROWS)
+                    + '"=HYPERLINK(""http://x"")",money stuff\n=1+1,money stuff\n', encoding="utf-8")
+    ev_table, summary, per_row = handlers.evaluate_batch(str(test), "text", "label", *backend, state, progress=noop)
+    methods = [r["method"] for r in _rows(ev_table)]
+    assert methods[:4] == ["own_words", "own_words+cm", "own_words+cm_soft", "zero_shot"]
+    assert summary.startswith("**On these 14 rows")
+    raw = Path(_path(per_row)).read_text(encoding="utf-8")
+    assert "\n\"'=HYPERLINK(\"\"http://x\"\")\"," in raw and "\n'=1+1," in raw and "\n=" not in raw
+    assert pd.read_csv(_path(per_row))["own_words+cm"].tolist()[:3] == [y for _, y in TEST_ROWS[:3]]
+    # the shown line, with the words saved as it says, repeats the evaluation number for number
+    (tmp_path / "model_words.txt").write_text(MODEL_WORDS, encoding="utf-8")
+    out = _run_shown(summary, {"s.csv": samples, "t.csv": test, "model_words.txt": tmp_path / "model_words.txt"},
+                     tmp_path, tmp_path / "cli-cache")
+    res = json.loads(out.read_text(encoding="utf-8"))
+    assert res["config"]["responses"] == ["finance", "animals", "repairs", "weather"]
+    assert {m: (handlers.pct(r["accuracy"]), handlers.fmt_p(r.get("p_value"))) for m, r in res["results"].items()
+            if "accuracy" in r} == {r["method"]: (r["acc. %"], r["p vs base"]) for r in _rows(ev_table)}
+    # and the bank's line (held-out rows) gives both banks of the build, count for count
+    files = {"s.csv": samples, "held_out.csv": _path(held_dl), "model_words.txt": tmp_path / "model_words.txt"}
+    res = json.loads(_run_shown(status, files, tmp_path, tmp_path / "cli-cache").read_text(encoding="utf-8"))
+    assert {b: res["banks"][b]["bank"]["counts"] for b in ("own_words", "zero_shot")} == {
+        b: bank["counts"] for b, bank in state["banks"].items()}
+
+    # The other way round: the model's own words tell nothing (always "weather"), zero-shot is right: a tie or a
+    # loss for the own words keeps zero-shot.
+    server2 = fake_openai(lambda q, listed: "weather" if "finance" in listed else (_gold(q) or listed[0]))
+    backend2 = ("openai", "fake-model-2", server2.base_url, "sk-fake-words-123456")
+    state, *_rest, status = handlers.build_bank("text", "label", *backend2, "auto", 0.75, 0.7, MODEL_WORDS, state,
+                                                progress=noop)
+    assert state["method"] == "zero_shot" and "zero-shot over your labels + CM got 100 %" in status
+
+
+# --------------------------------------------------------------------------- uploads a visitor gets wrong (item 5)
+
+def _bank_json() -> str:
+    return MemoryBank.from_pairs([("tunes", "tunes"), ("grub", "grub")], {"labels": ["grub", "tunes"]}).to_json()
+
+
+@pytest.mark.parametrize("name,content,says", [
+    ("empty.csv", b"", "is empty. Upload a file with a header row"),
+    ("header.csv", b"text,label\n", "header row but no rows under it"),
+    ("blank.csv", b"text,label\nwake me,alarm\nhi there,\n", "line 3: empty label.*needs your label"),
+    ("broken.jsonl", b'{"text": "a", "label": "x"}\n{"text": "b"\n', "line 2: malformed JSON.*one JSON object"),
+    ("cells.csv", b"text,label\nwake me, now,alarm\nhi,x\n", "more cells than the header.*double quotes"),
+    ("long.csv", b"text,label\n" + b"x" * 5000 + b",y\nhi,z\n", "5000 characters.*Shorten"),
+    ("big.csv", b"text,label\n" + b"x" * (5 * 1024 * 1024) + b",y\n", "files over 5 MB are refused"),
+    ("one_label.csv", b"text,label\nwake me,alarm\nhi,alarm\n", "only one distinct label"),
+    ("memory_bank.json", None, "is a saved memory bank.*upload it in section 2"),
+])
+def test_bad_sample_files_say_what_to_do(tmp_path, name, content, says):
+    path = tmp_path / name
+    path.write_bytes(_bank_json().encode() if content is None else content)
+    with pytest.raises(app.gr.Error) as err:
+        handlers.load_samples(str(path), "", None)
+    msg = str(err.value.message if hasattr(err.value, "message") else err.value)
+    assert re.search(says, msg, re.S), msg
+    assert "Pick the right text and label columns" not in msg
+    file_update, status = handlers.samples_upload_failed(str(path), {"raw": {"name": "old.csv"}})
+    assert file_update.value is None  # the rejected file leaves the box
+    assert status.startswith("⚠️") and "not loaded" in status and "old\\.csv" in status and "Loaded" not in status
+
+
+def test_semicolons_are_read_and_columns_still_chosen(tmp_path):
+    path = tmp_path / "semi.csv"
+    path.write_text("text;label;id\nwake me at six;wake-up buzz;1\nis it raining;sky report;2\n", encoding="utf-8")
+    state, tcol, lcol, status, preview = handlers.load_samples(str(path), "", None)
+    assert (tcol.value, lcol.value) == ("text", "label") and "2 rows" in status and "semicolons" in status
+    assert _rows(preview)[0] == {"text": "wake me at six", "label": "wake-up buzz"}
+
+
+@pytest.mark.parametrize("content,says,never", [
+    (b"\x80\x04\x95\x10\x00\x00\x00", "not a memory bank: it is not UTF-8 text.*JSON text file", "Excel"),
+    (json.dumps({"version": 1, "counts": {"a": {"b": 1}}}).encode(), 'no "format" entry', "None"),
+    (json.dumps({"format": None}).encode(), 'its "format" is null', "None"),
+    (b"text,label\nwake me,alarm\n", "looks like a table of samples.*section 1", "malformed"),
+    (json.dumps([1, 2]).encode(), "holds a JSON list", "None"),
+])
+def test_bad_bank_files_say_what_they_are(tmp_path, content, says, never):
+    path = tmp_path / "bank.json"
+    path.write_bytes(content)
+    with pytest.raises(app.gr.Error) as err:
+        handlers.upload_bank(str(path), None, None, 1.0, "", None)
+    msg = str(err.value.message if hasattr(err.value, "message") else err.value)
+    assert re.search(says, msg, re.S) and never not in msg, msg
+    file_update, status = handlers.bank_upload_failed(str(path), {"bank": {}})
+    assert file_update.value is None and "not loaded" in status and "still in use" in status
+
+
+def test_paste_loads_the_pasted_rows_not_the_file(tmp_path):
+    """Issue item 4: 'Load pasted rows' reads the pasted text, whatever file sits in the upload box."""
+    jsonl = tmp_path / "other.jsonl"
+    jsonl.write_text('{"q": "x y z", "tag": "a"}\n{"q": "u v w", "tag": "b"}\n', encoding="utf-8")
+    state, tcol, lcol, status, _ = handlers.load_pasted("text,label\nwake me,alarm\nrain,weather\n", None)
+    assert state["raw"]["name"] == "pasted.csv" and (tcol.value, lcol.value) == ("text", "label")
+    assert app.build_demo  # the page wires the paste button to load_pasted alone (tested in the browser)
+    outputs = handlers.clear_after_paste("")
+    assert outputs[-1] is None and len(outputs) == len(handlers.cleared()) + 3
+
+
+# --------------------------------------------------------------------------- outbound connections (item 10)
+
+def _trap_server(host: str, port: int = 0, status: int = 200, location: str | None = None):
+    """A tiny HTTP server that records every request (and answers ``status``, with ``location``)."""
+    import http.server
+    hits: list[str] = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def _any(self):
+            hits.append(f"{self.command} {self.path} Host={self.headers.get('Host')}")
+            body = b'{"choices": []}'
+            self.send_response(status)
+            if location:
+                self.send_header("Location", location)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _any
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer((host, port), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, hits
+
+
+def _chat(llm):
+    from cm_core.backends.base import GenRequest
+    return llm.generate([GenRequest.of([{"role": "user", "content": "Query: q"}])])
+
+
+def test_connection_is_pinned_to_the_checked_address(monkeypatch, fake_openai):
+    """The name is resolved once, by the check; the connection goes to that address even when the name would later
+    resolve elsewhere (DNS rebinding), and the Host header keeps the name."""
+    import socket
+    server = fake_openai({"q": "fix-it"})
+    port = int(server.base_url.rsplit(":", 1)[1].split("/")[0])
+    trap, hits = _trap_server("127.0.0.2", port)  # where a second lookup would lead
+    monkeypatch.setenv("CM_DEMO_ALLOW_PRIVATE_URLS", "1")
+    monkeypatch.setenv("CM_DEMO_RESPONSE_CACHE", "0")
+    checked = []
+    monkeypatch.setattr(deploy, "_resolve", lambda host, port: checked.append(host) or ["127.0.0.1"])
+    real = socket.getaddrinfo
+    lookups = []
+
+    def rebinding(host, *a, **k):  # after the check, the name points at the trap
+        if host == "model.example":
+            lookups.append(host)
+            return real("127.0.0.2", *a, **k)
+        return real(host, *a, **k)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    try:
+        with deploy.backend_for("openai", "m", f"http://model.example:{port}/v1", "sk-pin-123456") as llm:
+            assert _chat(llm) == [["fix-it"]]
+    finally:
+        trap.shutdown()
+    assert checked == ["model.example"] and lookups == [] and hits == []
+
+
+def test_public_check_then_rebinding_to_a_private_address_fails_closed(monkeypatch):
+    """In the default mode a name must resolve to public addresses; the client then connects only there, so a
+    rebinding to 127.0.0.1 afterwards reaches nothing local."""
+    import socket
+    trap, hits = _trap_server("127.0.0.1")
+    port = trap.server_address[1]
+    monkeypatch.delenv("CM_DEMO_ALLOW_PRIVATE_URLS", raising=False)
+    monkeypatch.setenv("CM_DEMO_RESPONSE_CACHE", "0")
+    monkeypatch.setattr(deploy, "_resolve", lambda host, port: ["198.51.100.7"] if host == "evil.example" else [])
+    with pytest.raises(deploy.UserError, match="public internet"):  # 198.51.100.0/24 is reserved: refused
+        deploy.check_base_url(f"http://evil.example:{port}/v1")
+    monkeypatch.setattr(deploy, "_resolve", lambda host, port: ["8.8.8.8"])
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: real("127.0.0.1" if host == "evil.example"
+                                                                           else host, *a, **k))
+    connected = []
+
+    async def refuse(self, host, port, **kw):  # the pinned address is never dialled for real in a test
+        connected.append(host)
+        raise OSError("unreachable in the test")
+
+    hx, hc = deploy._http_modules()
+    monkeypatch.setattr(hc.AnyIOBackend, "connect_tcp", refuse)
+    try:
+        with deploy.backend_for("openai", "m", f"http://evil.example:{port}/v1", "sk-pin-123456") as llm:
+            with pytest.raises(BackendError, match="cannot connect"):
+                _chat(llm)
+    finally:
+        trap.shutdown()
+    assert hits == [] and set(connected) == {"8.8.8.8"}
+
+
+def test_redirects_are_not_followed(monkeypatch):
+    """A server that answers with a redirect to a private address: the redirect is not followed."""
+    target, target_hits = _trap_server("127.0.0.1")
+    redirector, hits = _trap_server("127.0.0.1", status=307,
+                                    location=f"http://127.0.0.1:{target.server_address[1]}/v1/chat/completions")
+    monkeypatch.setenv("CM_DEMO_ALLOW_PRIVATE_URLS", "1")
+    monkeypatch.setenv("CM_DEMO_RESPONSE_CACHE", "0")
+    try:
+        with deploy.backend_for("openai", "m", f"http://127.0.0.1:{redirector.server_address[1]}/v1",
+                                "sk-redirect-123456") as llm:
+            with pytest.raises(BackendError, match="HTTP 307"):
+                _chat(llm)
+    finally:
+        target.shutdown()
+        redirector.shutdown()
+    assert hits and target_hits == []
+
+
+# --------------------------------------------------------------------------- the model at start-up (item 2)
+
+def test_a_build_waiting_for_the_model_says_why(monkeypatch, tmp_path):
+    import collections
+    import time as _time
+    monkeypatch.setenv("CM_DEMO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(deploy, "_PREPARING", {})
+    monkeypatch.setattr(deploy, "_BACKENDS", collections.OrderedDict())
+    monkeypatch.setattr(deploy, "needs_conversion", lambda spec: True)
+    monkeypatch.setattr(deploy, "_load_model", lambda spec, persistent: _time.sleep(1.6) or "MODEL")
+    seen = []
+    deploy.wait_for_model("embedded", "", lambda frac, desc=None: seen.append((frac, desc)))
+    assert seen and all(0 <= f < 1 for f, _ in seen)
+    assert all(d.startswith("preparing the model, first run only") for _, d in seen), seen
+    assert deploy.prepare("embedded", "").result() == "MODEL"  # the same future: loaded once
+
+
+def test_build_waits_for_the_model_with_its_own_progress(monkeypatch):
+    """Build asks for the model through wait_for_model, with the page's progress, before anything else runs."""
+    seen = []
+
+    def waiting(backend, model, progress):
+        progress(0.1, desc="preparing the model, first run only (a one-time conversion, about 30 s): 3 s")
+        seen.append((backend, model))
+        raise deploy.UserError("stop here")
+
+    monkeypatch.setattr(deploy, "wait_for_model", waiting)
+    descs = []
+    state, *_ = handlers.load_pasted("text,label\nwake me,alarm\nrain today,weather\n", None)
+    with pytest.raises(app.gr.Error, match="stop here"):
+        handlers.build_bank("text", "label", *EMBEDDED, "zero_shot", 1.0, 0.7, "", state,
+                            progress=lambda frac, desc=None: descs.append(desc))
+    assert seen == [("embedded", "")] and descs[0].startswith("preparing the model, first run only")
+
+
+def test_the_app_prepares_the_model_when_it_starts(monkeypatch):
+    calls = []
+    monkeypatch.setattr(deploy, "prepare_at_startup", lambda: calls.append("prepare"))
+    monkeypatch.setattr(app.gr.Blocks, "launch", lambda self, **kw: calls.append("launch"))
+    app.main()
+    assert calls == ["prepare", "launch"]
+
+
+def test_spreadsheet_safe():
+    import pandas as pd
+    from cm_core.report import spreadsheet_safe
+    df = pd.DataFrame({"text": ['=HYPERLINK("http://x")', "=1+1", "+3", "@SUM(A1)", "-2", "\tx", "plain"],
+                       "n": [1, 2, 3, 4, 5, 6, 7]})
+    out = spreadsheet_safe(df)
+    assert out["text"].tolist() == ["'=HYPERLINK(\"http://x\")", "'=1+1", "'+3", "'@SUM(A1)", "'-2", "'\tx", "plain"]
+    assert out["n"].tolist() == df["n"].tolist() and df["text"][0].startswith("=")  # a copy; numbers untouched

@@ -94,7 +94,8 @@ def url(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
            "CM_DEMO_CACHE_DIR": str(tmp / "cache"), "GRADIO_TEMP_DIR": str(tmp / "gradio"),
-           "CM_DEMO_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+           "CM_DEMO_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "CM_DEMO_ALLOW_PRIVATE_URLS": "1"}  # the fake OpenAI server listens on 127.0.0.1
     env.pop("OPENAI_API_KEY", None)
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen([sys.executable, str(REPO / "demo" / "app.py")], cwd=tmp, env=env, stdout=log,
@@ -156,7 +157,8 @@ def test_concurrent_sessions_keep_their_own_banks(url, fake_openai, tmp_path, mo
                                                 api_name="/load_samples")
             assert (tcol["value"], lcol["value"]) == ("utterance", "my_label"), (tcol, lcol)
             table, _plot, bank_dl, _held, bank_status = timed("build_bank", c.predict, "utterance", "my_label",
-                                                              *backend, "zero_shot", 1.0, 0.7, api_name="/build_bank")
+                                                              *backend, "zero_shot", 1.0, 0.7, "",
+                                                              api_name="/build_bank")
             bank = json.loads(Path(bank_dl).read_text(encoding="utf-8"))
             answers = {}
             for q, want in queries.items():

