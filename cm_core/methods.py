@@ -48,16 +48,35 @@ def softmax(scores: Sequence[float], temperature: float = 1.0) -> np.ndarray:
     return e / e.sum()
 
 
+_LEAD = re.compile(r"^(label|answer|intent|category|the (label|answer|intent|category) is)\s*[:\-]\s*", re.I)
+_BULLET = re.compile(r"^(?:[-*\u2022]|\d+[.)])\s+")
+
+
+def _clean_line(line: str) -> str:
+    line = re.sub(r"[*`]+", "", line).strip()  # markdown emphasis: **Label:** travel
+    line = _BULLET.sub("", line)
+    line = _LEAD.sub("", line)
+    line = _BULLET.sub("", line)
+    line = re.sub(r"[\[\]\(\)\{\}\"']", "", line)
+    return " ".join(line.lower().split()).rstrip(".")
+
+
 def clean_answer(text: str) -> str:
-    """The paper's cleaning: first line, brackets and quotes stripped, lower-cased, spaces collapsed."""
-    text = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
-    text = re.sub(r"^(label|answer|intent|the label is)\s*[:\-]\s*", "", text.strip(), flags=re.I)
-    text = re.sub(r"[\[\]\(\)\{\}\"'`*]", "", text)
-    return " ".join(text.lower().split()).rstrip(".")
+    """Our protocol's cleaning (the paper protocol has its own, the official one): the first line that says
+    something, past a lead-in line such as "The label is:", with list bullets, a "Label:" prefix, brackets,
+    quotes and emphasis stripped, lower-cased, spaces collapsed. "The label is:\n- getting around" is
+    "getting around"."""
+    for line in (text or "").splitlines():
+        cleaned = _clean_line(line)
+        if cleaned:
+            return cleaned
+    return ""
 
 
 def match_label(text: str, labels: Sequence[str], strict: bool = False) -> tuple[str, bool]:
-    """Map generated text to a label: exact match after cleaning; unless strict, the longest label it contains.
+    """Map generated text to a label: exact match after cleaning (the first line that says something, else any
+    later line, as in "Sure!\n\nLabel: travel"); unless strict, the longest label the first line containing one
+    contains.
 
     Returns (answer, matched). Unmatched answers are returned cleaned and count as wrong, as in the paper.
     """
@@ -65,10 +84,15 @@ def match_label(text: str, labels: Sequence[str], strict: bool = False) -> tuple
     by_clean = {clean_answer(l): l for l in labels}
     if ans in by_clean:
         return by_clean[ans], True
+    lines = [c for c in map(_clean_line, (text or "").splitlines()) if c]
+    for line in lines:
+        if line in by_clean:
+            return by_clean[line], True
     if not strict:
-        hits = [l for c, l in by_clean.items() if c and re.search(rf"\b{re.escape(c)}\b", ans)]
-        if hits:
-            return max(hits, key=len), True
+        for line in lines:
+            hits = [l for c, l in by_clean.items() if c and re.search(rf"\b{re.escape(c)}\b", line)]
+            if hits:
+                return max(hits, key=len), True
     return ans, False
 
 
@@ -190,8 +214,10 @@ class LLMChooser:
     @property
     def effective_mode(self) -> str:
         if self.dec.mode == "score" and not self.llm.supports_scores:
-            self.llm.warn_once(log, "%s gives no log-probabilities: scoring falls back to constrained choice by "
-                                    "generation (%d samples, their vote is p(y|x))", self.llm.label, self.dec.n_votes)
+            why = getattr(self.llm, "scoring_note", "")
+            self.llm.warn_once(log, "%s gives no log-probabilities%s: scoring falls back to constrained choice by "
+                                    "generation (%d samples, their vote is p(y|x))", self.llm.label,
+                               f" ({why})" if why else "", self.dec.n_votes)
             return "vote"
         return self.dec.mode
 
@@ -225,6 +251,10 @@ class LLMChooser:
         calib_results = self.calibration(calib, cands) if calib else None
         out = []
         for i, (c, res) in enumerate(zip(cands, results)):
+            failed = failure(res) or (failure(calib_results[i]) if calib_results is not None else None)
+            if failed is not None:  # the backend could not score it (a server's retries spent): counts as wrong
+                out.append(Prediction("", None, {"failed": failed.reason}))
+                continue
             s = np.array([r.mean for r in res])
             if calib_results is not None:
                 s = s - np.array([r.mean for r in calib_results[i]])
@@ -245,7 +275,7 @@ class LLMChooser:
             got.update(zip(todo, self.llm.score(todo)))
             if len(memo) + len(todo) > self.CALIB_MEMO_MAX:
                 memo.clear()
-            memo.update((r, got[r]) for r in todo)
+            memo.update((r, got[r]) for r in todo if failure(got[r]) is None)  # a failed one is asked again
         return [got[r] for r in reqs]
 
     def _generate(self, msgs, cands, votes: bool) -> list[Prediction]:

@@ -23,6 +23,16 @@ injected):
 - ``"trickle"``: HTTP 200, the body sent one byte every ``trickle`` seconds (each read is quick, the reply slow).
 
 ``delay`` slows every request down (seconds), to interrupt runs midway; ``completed`` counts replies sent.
+
+Scoring (``completions=``): by default ``/v1/completions`` answers 404, as a chat-only server. ``"echo"`` answers it
+as llama.cpp's ``llama-cpp-python`` server does (``echo`` + ``logprobs``: the prompt's tokens and their
+log-probabilities, special tokens shown as nothing, then one generated token; one prompt per request unless
+``batch_prompts``), ``"prompt_logprobs"`` as vLLM's extension does (``prompt_logprobs``: one ``{id: {logprob,
+rank, decoded_token}}`` per prompt token, the first None). The prompt is read back as ChatML; the assistant's reply
+at its end scores ``GOOD`` per token when it is the responder's answer to the query, else ``BAD``; other tokens
+``OTHER``. Those requests go to ``completion_requests``, never to ``requests`` (and take no fault), so tests that
+count chat round trips are unchanged by the backend's one-time probe. Chat replies report ``usage.prompt_tokens``
+as the ChatML prompt's token count (``template_tokens_offset`` adds to it: a server whose template differs).
 """
 from __future__ import annotations
 
@@ -33,6 +43,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 Responder = Callable[[str, list], str]
+GOOD, BAD, OTHER, END = -0.1, -2.0, -1.0, -0.5  # fake token log-probabilities (see ``completions``)
+_TOKEN = re.compile(r"<\|[a-z_]+\|>|\s+|\w+|[^\w\s]")
 FAULTS = ("429", "500", "503", "timeout", "truncated", "cut", "no_choices", "empty", "null_content", "off_set",
           "bad_shape", "html", "trickle")
 OFF_SET_ANSWER = "Certainly! Here is a haiku about your query instead of a label."
@@ -53,7 +65,13 @@ def parse_prompt(messages: list[dict]) -> tuple[str, list[str]]:
 class FakeOpenAIServer:
     def __init__(self, responder: dict | Responder | None = None, *, status: int = 200, default: str = "no idea",
                  max_choices: int | None = None, faults=None, delay: float = 0.0, retry_after: float = 0.01,
-                 hang: float = 3.0, trickle: float = 0.05):
+                 hang: float = 3.0, trickle: float = 0.05, completions: str | None = None,
+                 batch_prompts: bool = False, template_tokens_offset: int = 0):
+        if completions not in (None, "echo", "prompt_logprobs"):
+            raise ValueError(f"completions must be None, 'echo' or 'prompt_logprobs', got {completions!r}")
+        self.completions, self.batch_prompts = completions, batch_prompts
+        self.template_tokens_offset = template_tokens_offset
+        self.completion_requests: list[dict] = []  # bodies sent to /v1/completions (not counted in ``requests``)
         self.responder = responder or {}
         self.status = status
         self.max_choices = max_choices  # return fewer choices than asked for (servers that ignore ``n``)
@@ -101,6 +119,15 @@ class FakeOpenAIServer:
                     body = json.loads(raw or b"{}")
                 except json.JSONDecodeError:
                     body = {}
+                if self.path.rstrip("/") == "/v1/completions":
+                    with server._lock:
+                        server.completion_requests.append(body)
+                        if server.status == 401:  # a bad key is refused on every endpoint, with the key echoed
+                            server.auth_headers.append(self.headers.get("Authorization", ""))
+                    if server.status == 401:
+                        return self._send(401, self._bad_key())
+                    status, reply = server.complete(body)
+                    return self._send(status, reply)
                 with server._lock:
                     index = len(server.requests)
                     server.requests.append(body)
@@ -111,10 +138,7 @@ class FakeOpenAIServer:
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
                 if server.status == 401:
-                    key = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-                    return self._send(401, {"error": {"message": f"Incorrect API key provided: {key}. You can find "
-                                                                 "your API key in your account settings.",
-                                                      "type": "invalid_request_error", "code": "invalid_api_key"}})
+                    return self._send(401, self._bad_key())
                 if server.status != 200:
                     return self._send(server.status, {"error": {"message": "the fake server is failing on purpose",
                                                                 "type": "server_error"}})
@@ -140,7 +164,7 @@ class FakeOpenAIServer:
                             "logprobs": None} for i in range(n)]
                 reply = {"id": f"chatcmpl-fake{index + 1}", "object": "chat.completion", "created": 0,
                          "model": body.get("model", "fake"), "choices": choices,
-                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+                         "usage": server.usage(body.get("messages") or [])}
                 if fault == "truncated":
                     data = json.dumps(reply).encode("utf-8")
                     return self._send(200, data[: len(data) // 2])
@@ -148,6 +172,13 @@ class FakeOpenAIServer:
                     data = json.dumps(reply).encode("utf-8")
                     return self._send(200, data[: len(data) // 2], length=len(data), close=True)
                 return self._send(200, reply, trickle=server.trickle if fault == "trickle" else 0.0)
+
+            def _bad_key(self) -> dict:
+                """OpenAI's 401 body, which quotes the key it was sent."""
+                key = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+                return {"error": {"message": f"Incorrect API key provided: {key}. You can find your API key in your "
+                                             "account settings.", "type": "invalid_request_error",
+                                  "code": "invalid_api_key"}}
 
             def _send(self, status: int, obj, *, content_type: str = "application/json", headers: dict | None = None,
                       length: int | None = None, close: bool = False, trickle: float = 0.0):
@@ -225,3 +256,77 @@ class FakeOpenAIServer:
         if callable(self.responder):
             return self.responder(query, listed)
         return self.responder.get(query, self.default)
+
+    # ------------------------------------------------------------------ scoring (/v1/completions)
+    def usage(self, messages: list[dict]) -> dict:
+        n = len(tokenize(chatml(messages))) + self.template_tokens_offset
+        return {"prompt_tokens": n, "completion_tokens": 1, "total_tokens": n + 1}
+
+    def complete(self, body: dict) -> tuple[int, dict]:
+        prompts = body.get("prompt")
+        if isinstance(prompts, list):
+            if len(prompts) > 1 and not self.batch_prompts:  # llama-cpp-python asserts a single prompt
+                return 500, {"error": {"message": "AssertionError", "type": "internal_server_error"}}
+        else:
+            prompts = [prompts or ""]
+        if self.status != 200:
+            return self.status, {"error": {"message": "the fake server is failing on purpose", "type": "server_error"}}
+        if self.completions is None:
+            return 404, {"error": {"message": "no route /v1/completions", "type": "not_found"}}
+        choices = []
+        for i, prompt in enumerate(prompts):
+            tokens = tokenize(prompt)
+            values = self.token_logprobs(prompt, tokens)
+            choice = {"index": i, "text": "\n", "finish_reason": "length", "logprobs": None}
+            if self.completions == "echo" and body.get("echo") and body.get("logprobs") is not None:
+                shown = ["" if t.startswith("<|") else t for t in tokens] + ["\n"]
+                offsets, pos = [], 0
+                for t in shown:
+                    offsets.append(pos)
+                    pos += len(t)
+                choice["text"] = prompt + "\n"
+                choice["logprobs"] = {"tokens": shown, "text_offset": offsets,
+                                      "token_logprobs": [None] + values[1:] + [OTHER],
+                                      "top_logprobs": [None] + [{t: v} for t, v in zip(shown[1:], values[1:] + [OTHER])]}
+            if self.completions == "prompt_logprobs" and (body.get("prompt_logprobs") is not None):
+                choice["prompt_logprobs"] = [None] + [{str(1000 + k): {"logprob": v, "rank": 1, "decoded_token": t}}
+                                                      for k, (t, v) in enumerate(zip(tokens[1:], values[1:]))]
+            choices.append(choice)
+        n = sum(len(tokenize(p)) for p in prompts)
+        return 200, {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": body.get("model", "fake"),
+                     "choices": choices, "usage": {"prompt_tokens": n, "completion_tokens": len(prompts),
+                                                   "total_tokens": n + len(prompts)}}
+
+    def token_logprobs(self, prompt: str, tokens: list[str]) -> list[float]:
+        """OTHER for every token, but those of a final assistant reply (and the end of turn after it)."""
+        values = [OTHER] * len(tokens)
+        head, sep, reply = prompt.rpartition("<|im_start|>assistant\n")
+        if not sep:
+            return values
+        closed = reply.endswith("<|im_end|>")
+        answer = reply[: -len("<|im_end|>")] if closed else reply
+        if not answer:
+            return values
+        good = answer == self.answer(parse_chatml(head))
+        n_reply = len(tokenize(reply))
+        for k in range(len(tokens) - n_reply, len(tokens)):
+            values[k] = END if tokens[k] == "<|im_end|>" else (GOOD if good else BAD)
+        return values
+
+
+def tokenize(text: str) -> list[str]:
+    """The fake's tokenizer: special tokens, runs of spaces, words, single other characters."""
+    return _TOKEN.findall(text)
+
+
+def chatml(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    text = "".join(f"<|im_start|>{m.get('role')}\n{m.get('content')}<|im_end|>\n" for m in messages)
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def parse_chatml(text: str) -> list[dict]:
+    messages = []
+    for part in text.split("<|im_start|>")[1:]:
+        role, _, content = part.partition("\n")
+        messages.append({"role": role, "content": content.split("<|im_end|>")[0]})
+    return messages

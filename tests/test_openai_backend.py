@@ -1,5 +1,7 @@
-"""The OpenAI-compatible backend against a local fake server (127.0.0.1 only): generation, the evaluation's
-fallback from scoring to constrained generation, and errors that are clear and never contain the key."""
+"""The OpenAI-compatible backend against a local fake server (127.0.0.1 only): generation, scoring through a
+server's prompt log-probabilities (detected once, lazily), the evaluation's fallback from scoring to constrained
+generation with honest votes, answer cleaning on multi-line replies, and errors that are clear and never contain
+the key. tests/test_served_model.py runs the same backend against a real llama.cpp server."""
 from __future__ import annotations
 
 import json
@@ -9,13 +11,13 @@ import pytest
 
 from cm_core import prompts
 from cm_core.backends import make_backend
-from cm_core.backends.base import Failed, GenRequest
-from cm_core.backends.openai_backend import OpenAIChatLLM
+from cm_core.backends.base import Failed, GenRequest, ScoreRequest
+from cm_core.backends.openai_backend import BUILTIN_TEMPLATES, OpenAIChatLLM, _candidate_score, _Span, load_template
 from cm_core.data import Dataset, Example
-from cm_core.errors import BackendError
+from cm_core.errors import BackendError, CMError
 from cm_core.evaluate import run_evaluation
 
-from fake_openai import parse_prompt
+from fake_openai import BAD, END, GOOD, parse_prompt, tokenize
 
 LABELS = ["podcasts", "sky report", "tunes", "wake-up buzz"]
 
@@ -200,3 +202,198 @@ def test_connection_refused_is_a_backend_error():
                         max_retries=0, timeout=5)
     with pytest.raises(BackendError, match="cannot connect"):
         llm.generate([_req("q")])
+
+
+# --------------------------------------------------------------------------- scoring through the server
+
+def _score_reqs(queries, labels=LABELS, listed=False):
+    return [ScoreRequest.of(prompts.zero_shot(q, labels if listed else None), labels) for q in queries]
+
+
+def _expected(label: str, right: bool) -> tuple[float, int]:
+    n = len(tokenize(label))
+    return (GOOD if right else BAD) * n + END, n + 1
+
+
+@pytest.mark.parametrize("mode,batched", [("echo", False), ("prompt_logprobs", True), ("prompt_logprobs", False)])
+def test_scores_come_from_the_servers_prompt_logprobs(fake_openai, mode, batched):
+    server = fake_openai({"q1": "tunes", "q2": "wake-up buzz"}, completions=mode, batch_prompts=batched)
+    llm = _llm(server, concurrency=3)
+    assert not server.completion_requests and not server.requests  # nothing is asked at construction
+    ident = llm.identity()
+    assert llm.supports_scores and llm.scoring == {"echo": "completions-echo",
+                                                   "prompt_logprobs": "completions-prompt-logprobs"}[mode]
+    assert "chatml" in llm.scoring_note and llm.stats.extra["scoring"] == llm.scoring
+    assert llm.identity() == ident  # detection does not change what the cache keys on
+    probes = len(server.completion_requests)
+    assert llm.supports_scores and len(server.completion_requests) == probes  # detected once
+    # labels listed in the prompt (one of them is the answer) are not mistaken for the reply
+    out = llm.score(_score_reqs(["q1", "q2"], listed=True))
+    for res, answer in zip(out, ["tunes", "wake-up buzz"]):
+        for label, s in zip(LABELS, res):
+            lp, n = _expected(label, label == answer)
+            assert s.logprob == pytest.approx(lp) and s.n_tokens == n
+    sent = server.completion_requests[probes:]
+    assert len(sent) == (2 if batched else 2 * len(LABELS))  # one request per query, or one per candidate
+    assert all(b["max_tokens"] == 1 and b["temperature"] == 0 for b in sent)
+    assert all((b.get("echo") and b.get("logprobs") == 0) if mode == "echo" else b.get("prompt_logprobs") == 0
+               for b in sent)
+    prompt = sent[0]["prompt"][0] if batched else sent[0]["prompt"]
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\npodcasts<|im_end|>")
+    assert llm.stats.score_calls == 2 and llm.stats.failed == 0
+
+
+def test_scoring_drives_the_evaluation_and_is_cached(fake_openai, tmp_path):
+    ds, _ = _user_data()
+    gold_of = {e.text: e.label for e in ds.examples}
+    server = fake_openai(lambda q, listed: gold_of.get(q, "no idea"), completions="echo")
+    llm = make_backend("openai:fake-model", base_url=server.base_url, api_key="sk-x", cache_dir=tmp_path,
+                       max_retries=0)
+    assert not server.completion_requests  # building the cached backend asks nothing
+    res = run_evaluation(ds, llm, ["zero_shot+cm_soft"], pref_count=8, n_test=8, seed=40, stratified=True,
+                         n_boot=50)
+    assert res["config"]["scoring"] == "score"
+    assert res["run"]["llm_calls"]["extra"]["scoring"] == "completions-echo"
+    assert res["results"]["zero_shot"]["accuracy"] == 1.0
+    assert not server.requests[1:] and all("n" not in b for b in server.completion_requests)  # no generation
+    n = len(server.completion_requests)
+    again = run_evaluation(ds, llm, ["zero_shot+cm_soft"], pref_count=8, n_test=8, seed=40, stratified=True,
+                           n_boot=50)
+    assert again["predictions"] == res["predictions"] and len(server.completion_requests) == n
+    llm.close()
+
+
+def test_chat_only_server_falls_back_once_and_says_why(fake_openai, caplog):
+    from cm_core.methods import ZeroShot
+    server = fake_openai({"q1": "tunes"})
+    llm = _llm(server)
+    with caplog.at_level("WARNING"):
+        preds = ZeroShot(llm, LABELS).predict(["q1"])
+        ZeroShot(llm, LABELS).predict(["q1"])
+    assert not llm.supports_scores and "HTTP 404" in llm.scoring_note
+    assert preds[0].label == "tunes" and llm.stats.extra["scoring"] == "generation-fallback"
+    said = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
+    assert len(said) == 1 and "HTTP 404" in said[0]
+    assert len(server.completion_requests) == 1  # one probe: no completions endpoint, nothing more asked
+    with pytest.raises(NotImplementedError):
+        llm.score(_score_reqs(["q1"]))
+
+
+def test_a_template_that_does_not_match_the_servers_is_not_used(fake_openai):
+    server = fake_openai({"q1": "tunes"}, completions="echo", template_tokens_offset=3)
+    llm = _llm(server)
+    assert not llm.supports_scores and "--chat-template" in llm.scoring_note and "chatml" in llm.scoring_note
+    server2 = fake_openai({"q1": "tunes"}, completions="echo", template_tokens_offset=3)
+    llm2 = _llm(server2, chat_template="chatml")  # the user's word is checked too
+    assert not llm2.supports_scores
+
+
+def test_scoring_can_be_turned_off(fake_openai):
+    server = fake_openai({"q1": "tunes"}, completions="echo")
+    llm = _llm(server, scoring="off")
+    assert not llm.supports_scores and "off" in llm.scoring_note and not server.completion_requests
+    with pytest.raises(CMError, match="scoring"):
+        _llm(server, scoring="maybe")
+
+
+def test_a_bad_key_stops_the_detection(fake_openai):
+    server = fake_openai(status=401, completions="echo")
+    llm = _llm(server)
+    with pytest.raises(BackendError, match="HTTP 401"):
+        llm.supports_scores
+
+
+def test_a_reply_without_logprobs_is_a_failed_query(fake_openai):
+    from cm_core.methods import ZeroShot
+    server = fake_openai({"q1": "tunes", "q2": "tunes"}, completions="echo")
+    llm = _llm(server)
+    assert llm.supports_scores
+    server.completions = "prompt_logprobs"  # the server changed its mind: echo no longer gives log-probabilities
+    preds = ZeroShot(llm, LABELS).predict(["q1", "q2"])
+    assert [p.label for p in preds] == ["", ""] and "no echoed token log-probabilities" in preds[0].info["failed"]
+    assert llm.stats.failed == 3  # the two queries and the content-free input (calibration)
+
+
+# --------------------------------------------------------------------------- token alignment on real reply shapes
+
+def test_candidate_tokens_are_found_as_servers_show_them():
+    span = _Span("getting around", "<|im_end|>")
+    # llama-cpp-python: special tokens shown as nothing; the label also appears earlier in the prompt; the echo
+    # ends with the one generated token
+    texts = ["", "system", "\n", "-", " getting", " around", "", "\n", "", "assistant", "\n", "getting", " around",
+             "", "\n"]
+    values = [None, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -0.5, -0.25, -0.125, -3.0]
+    s = _candidate_score(texts, values, span)
+    assert s.logprob == pytest.approx(-0.875) and s.n_tokens == 3
+    # vLLM: special tokens shown as their text, no generated token
+    texts = ["<|im_start|>", "assistant", "\n", "getting", " around", "<|im_end|>"]
+    s = _candidate_score(texts, [None, -1, -1, -0.5, -0.25, -0.125], span)
+    assert s.logprob == pytest.approx(-0.875) and s.n_tokens == 3
+    with pytest.raises(ValueError, match="not among"):
+        _candidate_score(texts, [None] * 6, _Span("travel", "<|im_end|>"))
+    with pytest.raises(ValueError, match="missing"):
+        _candidate_score(texts, [None, -1, -1, None, -0.25, -0.125], span)
+
+
+def test_echo_one_token_off_is_recognized():
+    from cm_core.backends.openai_backend import _echo_shifted
+    tokens = ["system", "\n", "You", " label", "", "\n", "", "ass", "istant", "\n", "al", "arm", "", "\n"]
+    # aligned: the likeliest token at a predictable position is the token there ("istant" after "ass")
+    aligned = [None] + [{t: -0.1} for t in tokens[1:]]
+    # one off (llama-cpp-python without a BOS token): each position shows the distribution of the next one
+    shifted = [None] + [{t: -0.1} for t in tokens[2:]] + [{"x": -0.1}]
+    reply = lambda tops: {"choices": [{"index": 0, "logprobs": {"tokens": tokens, "top_logprobs": tops}}]}
+    assert not _echo_shifted(reply(aligned)) and _echo_shifted(reply(shifted))
+
+
+def test_chat_templates():
+    msgs = prompts.zero_shot("wake me up", None)
+    chatml = BUILTIN_TEMPLATES["chatml"]
+    prompt, span = chatml.scoring_prompt(msgs, "alarm")
+    assert prompt == (f"<|im_start|>system\n{msgs[0]['content']}<|im_end|>\n<|im_start|>user\n{msgs[1]['content']}"
+                      "<|im_end|>\n<|im_start|>assistant\nalarm<|im_end|>") and span.end == "<|im_end|>"
+    llama3 = BUILTIN_TEMPLATES["llama3"].scoring_prompt(msgs, "alarm")[0]
+    assert llama3.endswith("<|start_header_id|>assistant<|end_header_id|>\n\nalarm<|eot_id|>")
+    with pytest.raises(CMError, match="unknown chat template"):
+        load_template("chatmlx")
+
+
+def test_a_jinja_template_file_renders_as_the_embedded_tokenizer_does(tmp_path):
+    # SmolLM2's own template (the embedded model's), as a file
+    path = tmp_path / "smollm2.jinja"
+    path.write_text("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                    "{% endif %}")
+    template = load_template(str(path))
+    msgs = prompts.zero_shot("wake me up", LABELS)
+    prompt, span = template.scoring_prompt(msgs, "alarm")
+    assert prompt == BUILTIN_TEMPLATES["chatml"].scoring_prompt(msgs, "alarm")[0] + "\n"
+    assert span.end == "<|im_end|>\n"  # the first token after the reply (the end of turn) is the one scored
+
+
+# --------------------------------------------------------------------------- honest votes
+
+def test_votes_from_a_server_that_ignores_n_use_distinct_seeds(fake_openai):
+    server = fake_openai({"q": "tunes"}, max_choices=1)
+    assert _llm(server).generate([_req("q", n=5, temperature=0.7, seed=40)]) == [["tunes"] * 5]
+    assert [(r["n"], r["seed"]) for r in server.requests] == [(5, 40), (4, 41), (3, 42), (2, 43), (1, 44)]
+
+
+# --------------------------------------------------------------------------- answers in several lines
+
+@pytest.mark.parametrize("reply,labels,expected", [
+    ("The label is:\n- getting around", ["getting around", "travel"], ("getting around", True)),
+    ("Label:\n\ntravel", ["getting around", "travel"], ("travel", True)),
+    ("**Label:** Travel", ["travel"], ("travel", True)),
+    ("Sure! Here is the label for your query.\n\nLabel: alarm", ["alarm", "audio"], ("alarm", True)),
+    ("1. music\n2. audio", ["music", "audio"], ("music", True)),
+    ("I cannot tell.\nIt could be many things.", ["music", "audio"], ("i cannot tell", False)),
+    # as SmolLM2 answers through llama.cpp's server (sampled at 0.7, the labels listed)
+    ('The label "weather" is the most likely label for the given query.', ["weather", "news"], ("weather", True)),
+    ("The label is: alarm\n\nExplanation: the query asks to be woken up.", ["alarm", "datetime"], ("alarm", True)),
+])
+def test_multi_line_replies_are_matched(reply, labels, expected):
+    from cm_core.methods import match_label
+    assert match_label(reply, labels) == expected

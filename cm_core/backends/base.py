@@ -111,6 +111,8 @@ class LLM(ABC):
     """Base class of backends. ``identity()`` must name everything that changes answers and no secret."""
 
     supports_scores: bool = False
+    # how ``score`` gets its log-probabilities, or why it cannot (a served model's backend says after detecting)
+    scoring_note: str = ""
     # True: ``generate_stream`` keeps a sliding window of requests in flight over the whole list it is given, so
     # callers should hand it every request at once (one slow request then delays only itself) and save each
     # answer as it arrives

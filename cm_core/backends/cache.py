@@ -78,13 +78,20 @@ class CachedLLM(LLM):
         # once, so it must be at least as large as the backend's concurrency
         self.chunk_size = chunk_size or max(8, getattr(inner, "concurrency", 8))
         self.kind = inner.kind
-        self.supports_scores = inner.supports_scores
         self.streams_requests = inner.streams_requests
         self.stats = inner.stats
         self._closed = False
 
     def identity(self) -> dict[str, Any]:
         return self.inner.identity()
+
+    @property
+    def supports_scores(self) -> bool:  # asked of the backend when needed: a served model's is detected on first use
+        return self.inner.supports_scores
+
+    @property
+    def scoring_note(self) -> str:
+        return getattr(self.inner, "scoring_note", "")
 
     def _through(self, requests: list, compute: Callable[[list], list], encode, decode, stream=None) -> list:
         """Answers from the cache, the rest from the backend (``stream``: its ``generate_stream``, else ``compute``
