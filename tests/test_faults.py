@@ -20,7 +20,7 @@ from cm_core.backends import Failed, make_backend
 from cm_core.backends.base import GenRequest
 from cm_core.backends.openai_backend import OpenAIChatLLM, check_base_url
 from cm_core.cli import main
-from cm_core.data import Dataset, Example
+from cm_core.data import Dataset
 from cm_core.errors import BackendError, CMError
 from cm_core.evaluate import run_evaluation
 
@@ -32,16 +32,11 @@ KEY = "sk-faults-" + "Qw7" * 8
 LABELS = ["podcasts", "sky report", "tunes", "wake-up buzz"]
 
 
+from test_reliability import _user_data  # noqa: E402  (the same user data as the fault tests there)
+
+
 def _req(q: str, n: int = 1) -> GenRequest:
     return GenRequest.of(prompts.zero_shot(q, LABELS), n=n)
-
-
-def _user_data(n: int = 10) -> Dataset:
-    rows = []
-    for i in range(n):
-        rows += [Example(f"play song number {i}", "tunes"), Example(f"next episode of show {i}", "podcasts"),
-                 Example(f"forecast for day {i}", "sky report"), Example(f"alarm at {i} am", "wake-up buzz")]
-    return Dataset("user-slang", rows)
 
 
 def _responder(ds: Dataset):
