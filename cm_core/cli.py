@@ -59,14 +59,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _decoding(a) -> Decoding:
-    # a batch is what one backend call sees: at least as many requests as may be in flight. An openai backend gets
-    # every request of a step at once and keeps --concurrency of them in flight (a sliding window: no batch
-    # barrier, one slow request delays only itself); local models compute a batch at a time
+    # a batch is what a local model computes at once; a streaming backend (openai) is handed every request of a
+    # step by the chooser and keeps --concurrency of them in flight (LLM.streams_requests)
     return Decoding(mode=a.decoding or "score", calibrate=not a.no_calibrate, list_labels=a.list_labels, seed=a.seed,
-                    batch_size=STREAM_ALL if a.model.startswith("openai:") else max(8, a.concurrency))
-
-
-STREAM_ALL = 1 << 20
+                    batch_size=max(8, a.concurrency))
 
 
 # Our protocol's flags: the paper protocol fixes what they set, so giving one there is an error, not a silent no-op.
