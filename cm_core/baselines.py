@@ -151,3 +151,67 @@ class LogReg(TrainedEmbeddingMethod):
             return [{self.single_: 1.0} for _ in range(len(X))]
         p = self.model_.predict_proba(X)
         return [dict(zip(self.model_.classes_, row.tolist())) for row in p]
+
+
+class SetFit(EmbeddingMethod):
+    """SetFit (the ``setfit`` library): the sentence encoder fine-tuned contrastively on pairs of preference samples
+    (same label / different label), then a logistic-regression head on its embeddings: what practitioners pick for
+    few-shot text classification. Each fit trains its own copy of the encoder; the shared one is never touched.
+
+    ``num_iterations`` pairs per sample and one epoch: SetFit's recipe at a budget a CPU affords per user (its
+    default of 20 pairs per sample takes minutes per fit on 150+ samples). ``max_length`` 64 tokens: SetFit pads
+    every training pair to the encoder's maximum otherwise (256 for MiniLM), several times the cost."""
+
+    name = "setfit"
+    needs_samples = True
+    supports_cm = False  # its answers to its own training samples are near-perfect: a bank of them is an identity
+
+    def __init__(self, labels, embedder=None, num_iterations: int = 5, epochs: int = 1, batch_size: int = 16,
+                 max_length: int = 64, seed: int = 0):
+        super().__init__(labels, embedder)
+        self.num_iterations, self.epochs, self.batch_size, self.seed = num_iterations, epochs, batch_size, seed
+        self.max_length = max_length  # tokens per text in training: the datasets' queries are short
+
+    def _fit(self, samples):
+        import contextlib
+        import copy
+        import io
+        import tempfile
+
+        import datasets
+        from setfit import SetFitModel, Trainer, TrainingArguments
+        from sklearn.linear_model import LogisticRegression
+        samples = list(samples)
+        labels = [s.label for s in samples]
+        if len(set(labels)) < 2:  # nothing to contrast: every query gets the one label seen
+            self.single_ = labels[0]
+            return
+        self.single_ = None
+        body = copy.deepcopy(self.emb.model)  # the shared encoder stays as it is
+        model = SetFitModel(model_body=body, model_head=LogisticRegression(max_iter=2000))
+        with tempfile.TemporaryDirectory() as tmp:
+            args = TrainingArguments(output_dir=tmp, batch_size=self.batch_size, num_epochs=self.epochs,
+                                     num_iterations=self.num_iterations, seed=self.seed, save_strategy="no",
+                                     max_length=self.max_length,
+                                     report_to="none", show_progress_bar=False, logging_strategy="no")
+            train = datasets.Dataset.from_dict({"text": [s.text for s in samples], "label": labels})
+            # the trainer logs its settings and metrics and torch warns about pinned memory on a CPU: library chatter
+            # that would land in every report, not information about the run
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
+                warnings.filterwarnings("ignore", message=".*pin_memory.*")
+                Trainer(model=model, args=args, train_dataset=train).train()
+        self.model_ = model
+
+    def _probs(self, texts):
+        if self.single_ is not None:
+            return [{self.single_: 1.0} for _ in texts]
+        p = self.model_.predict_proba(list(texts), as_numpy=True, show_progress_bar=False)
+        classes = list(self.model_.model_head.classes_)
+        return [dict(zip(classes, row.tolist())) for row in p]
+
+    def answer_samples(self, samples, temperature: float = 0.7, seed: int = 0):
+        from .errors import CMError
+        raise CMError("setfit answers its own training samples near-perfectly, so a CM bank over it would be an "
+                      "identity; CM over SetFit (out-of-fold refits of the encoder) is not offered")

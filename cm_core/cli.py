@@ -13,6 +13,7 @@ from .backends.openai_backend import DEADLINE_FACTOR, DEFAULT_MAX_RETRIES, DEFAU
 from .bank import MemoryBank
 from .cm import estimate_bank
 from .data import Split, load_dataset, load_file, read_lines, split_dataset
+from .misalign import SCHEMES, misaligned
 from .errors import CMError, run_command
 from .evaluate import run_evaluation
 from .methods import Decoding
@@ -69,7 +70,7 @@ def _decoding(a) -> Decoding:
 OURS_ONLY = {"decoding": "--decoding", "list_labels": "--list-labels", "no_calibrate": "--no-calibrate",
              "stratified": "--stratified", "test_file": "--test-file", "pref_count": "--pref-count",
              "test_fraction": "--test-fraction", "temperature": "--temperature", "all_samples": "--all-samples",
-             "text_column": "--text-column", "label_column": "--label-column"}
+             "text_column": "--text-column", "label_column": "--label-column", "rename": "--rename"}
 PAPER_ONLY = {"n_test_other": "--n-test-other"}
 SWITCHES = {"no_calibrate", "stratified", "all_samples"}  # store_true: False means "not given"; the others: None
 DEFAULT_PREF_FRACTION = {"ours": 0.05, "paper": 0.01}  # paper: the Llama runs' 1 %
@@ -195,6 +196,12 @@ def cmd_evaluate(a) -> dict:
                              n_test=a.n_test, n_test_other=a.n_test_other, seed=a.seed, bank=bank)
         return _report(a, res)
     ds = _dataset(a, a.dataset)
+    responses = _responses(a)
+    if a.rename:  # the vocabulary-misalignment setting: the user's names renamed, the model keeps the originals
+        if a.test_file:
+            raise CMError("--rename renames --dataset's labels; a --test-file would still carry the original names")
+        ds, original = misaligned(ds, a.rename)
+        responses = responses or {"responses": original}
     test_fraction = 0.5 if a.test_fraction is None else a.test_fraction
     split = None
     if a.test_file:  # the preference samples come from --dataset, the test rows from this file
@@ -212,7 +219,8 @@ def cmd_evaluate(a) -> dict:
                          n_test=a.n_test, seed=a.seed, stratified=a.stratified,
                          bank_temperature=0.7 if a.temperature is None else a.temperature,
                          decoding=_decoding(a), bank=bank, split=split, test_fraction=test_fraction,
-                         **_responses(a))
+                         **responses)
+    res["config"]["rename"] = a.rename
     return _report(a, res)
 
 
@@ -309,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling temperature for the memory bank (default 0.7)")
     v.add_argument("--bank", default=None, help="use this saved bank instead of estimating one (paper protocol: the "
                    "official JSON {answer: [labels]}, the one bank of every base method)")
+    v.add_argument("--rename", choices=SCHEMES, default=None,
+                   help="vocabulary misalignment: rename the dataset's labels as a user might (codes: opaque codes; "
+                        "nicknames: unrelated real words; seeded, see cm_core/misalign.py); own_words then answers in "
+                        "the original names (unless --responses) and CM maps them onto the renamed labels")
     v.add_argument("--output", default="results.json")
     v.set_defaults(func=cmd_evaluate)
     return ap

@@ -200,6 +200,8 @@ def run_evaluation(dataset: Dataset | str, llm: LLM | None, methods: Sequence[st
         predictions[base_name] = [p.label for p in base.predict(test.texts)]
         extra[base_name] = {"time_s": round(time.time() - t0, 2), "kind": _kind(base_name)}
         count_failed(base_name)
+        if not registry.supports_cm(base_name):  # trained on these very samples: no bank over it (registry says)
+            continue
         t0 = time.time()
         base_bank = bank if bank is not None else estimate_bank(base, pref, bank_temperature, seed)
         banks[base_name] = {"stats": base_bank.stats(), "bank": base_bank.to_dict(), "given": bank is not None,
@@ -374,8 +376,9 @@ def paper_departures(todo: Mapping[str, Sequence[str]], llm: LLM, info: Mapping[
     else:
         model = llm.identity().get("model", "")
         if "llama-3-8b" not in str(model).lower():
-            out.append(f"model: {llm.label} with the Llama runs' prompts and decoding (the paper ran "
-                       "Llama-3-8B-Instruct in bf16 and GPT-3.5-turbo / GPT-4o-mini)")
+            dtype = llm.identity().get("dtype")
+            out.append(f"model: {llm.label}{f' ({dtype})' if dtype else ''} with the Llama runs' prompts and decoding "
+                       "(the paper ran Llama-3-8B-Instruct in bf16 and GPT-3.5-turbo / GPT-4o-mini)")
     return out
 
 

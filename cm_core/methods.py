@@ -14,6 +14,8 @@ runs ``score`` as constrained choice by generation (k samples, their vote as p(Å
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import random
@@ -421,6 +423,20 @@ class OwnWords(ZeroShot):
         if candidates is not None:
             return [list(c) for c in candidates]
         return [list(self.responses or [])] * len(texts)
+
+
+class OwnWordsFree(OwnWords):
+    """The model answers in free text, with no list of names shown: the cleaned reply is the answer, and CM's bank
+    keys are those cleaned replies, as the paper's bank keys its model's words. Runs beside score-mode methods in
+    one evaluation, so it sets its own decoding: generation, labels never listed, 16 new tokens (a label is a few
+    words; the first line of the reply is kept)."""
+
+    name = "own_words_free"
+    uses_responses = False
+
+    def __init__(self, llm: LLM, labels: Sequence[str], decoding: Decoding | None = None, *, embedder=None):
+        dec = dataclasses.replace(decoding or Decoding(), mode="generate", list_labels=False, max_tokens=16)
+        super().__init__(llm, labels, dec, responses=None, embedder=embedder)
 
 
 class Retriever:

@@ -8,8 +8,8 @@ needs (an LLM, preference samples) is a class attribute of its class, so callers
     method = build("zero_shot+cm", llm=llm, labels=ds.labels)      # unfitted
     method.fit(preference_samples).predict(queries)
 
-To add a base method: write its class (methods.py or baselines.py) and list it in :data:`METHODS`. To add a CM
-variant: one entry in :data:`cm_core.cm.VARIANTS`.
+To add a base method: write its class (methods.py, baselines.py, or training.py for the per-user training
+baselines) and list it in :data:`METHODS`. To add a CM variant: one entry in :data:`cm_core.cm.VARIANTS`.
 
 Two protocols share these names. ``ours`` (the default): the classes above. ``paper``: the official experiment's
 methods (:mod:`cm_core.paper_methods`: official prompts, decoding and strict scoring), with ``+cm_paper`` (the
@@ -23,16 +23,17 @@ from typing import Sequence
 
 from .backends.base import LLM
 from .bank import MemoryBank
-from .baselines import KNN, LabelSimilarity, LogReg
+from .baselines import KNN, LabelSimilarity, LogReg, SetFit
 from .cm import CM, VARIANTS
 from .errors import CMError
-from .methods import (ChainOfThought, Decoding, FewShot, FewShotFixed, FewShotKNN, Method, OwnWords, SelfConsistency,
-                      ZeroShot, ZeroShotKNN)
+from .methods import (ChainOfThought, Decoding, FewShot, FewShotFixed, FewShotKNN, Method, OwnWords, OwnWordsFree,
+                      SelfConsistency, ZeroShot, ZeroShotKNN)
 from .paper_methods import PAPER_METHODS, SOFT_REASON, BankLookup, PaperChooser, PaperFewShot
+from .training import TRAINING_METHODS
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
-    ZeroShot, FewShot, FewShotFixed, ChainOfThought, SelfConsistency, ZeroShotKNN, FewShotKNN, OwnWords,
-    LabelSimilarity, KNN, LogReg)}
+    ZeroShot, FewShot, FewShotFixed, ChainOfThought, SelfConsistency, ZeroShotKNN, FewShotKNN, OwnWords, OwnWordsFree,
+    LabelSimilarity, KNN, LogReg, SetFit, *TRAINING_METHODS)}
 LLM_METHODS = tuple(n for n, c in METHODS.items() if c.needs_llm)
 BASELINES = tuple(n for n, c in METHODS.items() if not c.needs_llm)
 ALL_METHODS = tuple(METHODS)
@@ -64,7 +65,16 @@ def split_method_name(name: str, protocol: str = "ours") -> tuple[str, str | Non
                           "each optionally with +cm_paper (as coded) or +cm (the formula)")
         raise CMError(f"unknown method {name!r}; methods: {', '.join(METHODS)}, each optionally with "
                       f"{', '.join(VARIANTS)}")
+    if suffix is not None and not supports_cm(base, protocol):
+        raise CMError(f"{name!r}: {base} is trained on the preference samples themselves, so CM variants of it are "
+                      f"not offered (a bank of its answers on its own training samples would be an identity); use "
+                      f"{base!r} alone")
     return base, suffix
+
+
+def supports_cm(base: str, protocol: str = "ours") -> bool:
+    """Whether a base method can be wrapped by CM (the per-user training baselines cannot)."""
+    return getattr(_methods(protocol)[base], "supports_cm", True)
 
 
 def method_class(name: str, protocol: str = "ours") -> type[Method]:
@@ -96,8 +106,8 @@ def plan(names: Sequence[str], default_variant: str | None = "+cm", protocol: st
         if variant and variant not in out[base]:
             out[base].append(variant)
     if default_variant:
-        for variants in out.values():
-            if not variants:
+        for base, variants in out.items():
+            if not variants and supports_cm(base, protocol):  # the training baselines stand alone
                 variants.append(default_variant)
     return out
 

@@ -157,6 +157,7 @@ def run_info(obj: Mapping[str, Any]) -> pd.DataFrame:
         ("preference samples", f"{c.get('pref_count')}" + (f" ({100 * c['pref_fraction']:g}% of the data)"
                                                            if c.get("pref_fraction") else "")),
         ("n_test", c.get("n_test")),
+        *([("setting", _rename_text(c))] if c.get("rename") else []),
         ("seed", c.get("seed")),
         ("bank temperature", c.get("bank_temperature")),
         ("label choice", c.get("scoring")),
@@ -184,6 +185,14 @@ def _protocol_text(config: Mapping[str, Any]) -> str:
         return ("paper (the official code's splits, prompts, decoding, strict scoring, one shared zero-shot bank)"
                 + ("; departs from it: " + " | ".join(departures) if departures else ""))
     return "ours (calibrated scoring, soft CM, de-duplicated splits)"
+
+
+def _rename_text(config: Mapping[str, Any]) -> str:
+    """The vocabulary-misalignment setting a run was made in (cm_core/misalign.py)."""
+    how = {"codes": "opaque codes", "nicknames": "nicknames that are unrelated real words"}.get(config["rename"],
+                                                                                             config["rename"])
+    return (f"vocabulary misalignment: the user's labels renamed to {how} (seeded); own_words answers in the "
+            "dataset's original label names, own_words_free in free text, and CM maps them onto the user's names")
 
 
 def _calls_text(calls: Mapping[str, Any]) -> str:
@@ -225,6 +234,36 @@ def verdict(results: Mapping[str, Any]) -> str:
         tail += (f" and {100 * (win['accuracy'] - o['accuracy']):.1f} points ahead of the {what}, "
                  f"{o['method']} ({fmt_acc(o['accuracy'])}%)")
     return head + tail + "."
+
+
+def _p_eq(p: float) -> str:
+    text = fmt_p(p)
+    return text if text.startswith("<") else f"={text}"
+
+
+def cm_verdict(results: Mapping[str, Any]) -> str:
+    """One plain sentence: did CM beat its base here, and by how much (every CM variant against its base, on the
+    same queries; significant = exact McNemar p < 0.05)."""
+    pairs = [(m, r) for m, r in _scored(results).items() if r.get("p_value") is not None]
+    if not pairs:
+        return "No CM variant was evaluated."
+    better = [(m, r) for m, r in pairs if is_significant(r)]
+    worse = [(m, r) for m, r in pairs if r["p_value"] < ALPHA and r["delta"] < 0]
+    deltas = [100 * r["delta"] for _, r in pairs]
+
+    def listed(items):
+        return ", ".join(f"{m} {100 * r['delta']:+.1f} (p{_p_eq(r['p_value'])})" for m, r in items)
+
+    text = (f"CM against its base, {len(pairs)} comparisons: Δ from {min(deltas):+.1f} to {max(deltas):+.1f} "
+            "points; ")
+    if not better and not worse:
+        return text + "no significant change."
+    parts = []
+    if better:
+        parts.append(f"significantly better in {len(better)} ({listed(better)})")
+    if worse:
+        parts.append(f"significantly worse in {len(worse)} ({listed(worse)})")
+    return text + "; ".join(parts) + "."
 
 
 def cm_actions(results: Mapping[str, Any]) -> pd.DataFrame:

@@ -11,9 +11,9 @@ PKG = Path(__file__).resolve().parents[1] / "cm_core"
 LAYERS = [
     {"errors"},
     {"data", "bank", "embeddings", "backends", "shrink"},
-    {"prompts", "paper", "upload"},
+    {"prompts", "paper", "upload", "misalign"},
     {"methods"},
-    {"baselines", "paper_methods", "marginalize"},
+    {"baselines", "paper_methods", "marginalize", "training"},
     {"cm"},
     {"registry"},
     {"evaluate"},

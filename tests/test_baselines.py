@@ -57,3 +57,18 @@ def test_classifiers_on_few_samples_per_label_fit_quietly(make):
         warnings.simplefilter("error")
         m = make(ds.labels).fit(few)
         m.sample([e.text for e in few], temperature=0.0)  # out-of-fold: folds of 48 rows over 30 labels
+
+
+@pytest.mark.slow
+def test_setfit_learns_from_the_samples_and_leaves_the_shared_encoder_alone(split):
+    from cm_core.baselines import SetFit
+    from cm_core.embeddings import get_embedder
+    shared = get_embedder()
+    before = shared.model.encode(["set an alarm for six"])
+    labels = split.preference.labels
+    m = SetFit(labels, num_iterations=2, seed=0).fit(split.preference.examples)
+    acc = accuracy(split.test.targets, [p.label for p in m.predict(split.test.texts)])
+    assert acc > 0.4  # 18 labels: chance is under 0.1
+    assert m.model_.model_body is not shared.model
+    assert (shared.model.encode(["set an alarm for six"]) == before).all()
+    assert m.gives_probs and abs(sum(m.predict(split.test.texts[:1])[0].probs.values()) - 1) < 1e-6

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 GRIDS = REPO / "notebooks" / "grids"
 CI_GRID = GRIDS / "ci.json"
 NOTEBOOK_PARAMS = {"model", "base_url", "dataset", "pref_fraction", "pref_count", "temperature", "n_test", "methods",
-                   "seed", "decoding", "list_labels", "calibrate", "protocol", "n_test_other", "cache_dir", "results_path",
+                   "seed", "decoding", "list_labels", "calibrate", "protocol", "n_test_other", "rename", "cache_dir", "results_path",
                    "reuse", "repo_root"}
 
 
@@ -483,3 +483,47 @@ def test_paper_protocol_through_the_notebook_api_and_the_grid(fake_openai, tmp_p
     assert all(c["params"]["protocol"] == "paper" and c["params"]["n_test_other"] == 100 for c in cells)
     html = experiments.render_index(grid, [])
     assert "Protocol <b>paper</b>" in html
+
+
+def test_index_only_renders_sections_and_markdown_tables_from_stored_runs(tmp_path, capsys):
+    """``--index-only`` runs nothing: index.html is rendered from the runs on disk, with each section's table
+    linking into its folder; the markdown tables read the same runs."""
+    from cm_core.experiments import tables
+    from cm_core.experiments.grid import main as grid_main
+    many = (1,) * 2 + (0,) * 18
+    out = tmp_path / "reports"
+    for folder, dataset in (("", "toy"), ("sub", "big")):
+        run = out / folder / "runs" / f"m_{dataset}"
+        run.mkdir(parents=True)
+        res = json.loads(json.dumps(fake_results(dataset=dataset, base_right=many, cm_right=(1,) * 18 + (0,) * 2,
+                                                 baseline_right=many)))  # a copy: fake_results is memoized
+        res["config"]["rename"] = "codes" if folder else None
+        (run / "results.json").write_text(json.dumps(res))
+        (run / "run.json").write_text(json.dumps({
+            "id": f"m_{dataset}", "model": "m", "dataset": dataset, "pref_mode": "fraction", "pref": "5% of the data",
+            "status": "ok", "error": None, "notebooks": {}, "html": {"evaluate": f"m_{dataset}_evaluate.html"},
+            "results_json": f"runs/m_{dataset}/results.json"}))
+    grid_file = tmp_path / "g.json"
+    grid_file.write_text(json.dumps({"name": "main", "models": ["m"], "datasets": ["toy"], "sections": ["sub"]}))
+    assert grid_main(["--grid", str(grid_file), "--out", str(out), "--index-only"]) == 0
+    page = (out / "index.html").read_text()
+    assert "Section: <a href='sub/index.html'>sub</a>" in page and "href='sub/m_big_evaluate.html'" in page
+    assert "opaque codes" in page  # the section says which setting made it
+    assert not (out / "runs" / "m_toy" / "evaluate.ipynb").exists()  # nothing was run
+    capsys.readouterr()
+    assert tables.main([str(out / "sub")]) == 0
+    md = capsys.readouterr().out
+    assert "| method | big |" in md and "| zero_shot+cm | **90.0 [" in md and "Δ+80.0 p" in md
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"datasets": ["toy"], "sections": ["../elsewhere"]}))
+    assert grid_main(["--grid", str(bad), "--out", str(out), "--index-only"]) != 0
+
+
+def test_cm_verdict_says_whether_cm_beat_its_base():
+    many = (1,) * 2 + (0,) * 18
+    better = fake_results(base_right=many, cm_right=(1,) * 18 + (0,) * 2, baseline_right=many)
+    assert report.cm_verdict(better) == ("CM against its base, 1 comparisons: Δ from +80.0 to +80.0 points; "
+                                         "significantly better in 1 (zero_shot+cm +80.0 (p<0.001)).")
+    worse = fake_results(base_right=(1,) * 18 + (0,) * 2, cm_right=many, baseline_right=many)
+    assert "significantly worse in 1 (zero_shot+cm -80.0" in report.cm_verdict(worse)
+    assert report.cm_verdict(fake_results()).endswith("no significant change.")  # p = 0.125

@@ -238,6 +238,24 @@ def test_shared_prompt_prefix_is_encoded_once_and_changes_nothing(embedded_raw):
     assert len({round(x.logprob, 2) for x in full[0]}) == 3
 
 
+@pytest.mark.slow
+def test_batched_generation_equals_one_request_at_a_time(embedded_raw):
+    """Each sampled reply draws from its own seeded generator, and a batch shares the prefix its prompts have in
+    common: a reply is the same whichever requests share its batch, greedy and sampled, with several draws."""
+    from cm_core.backends.base import GenRequest
+    msgs = [prompts.zero_shot(q, ["card payment", "refund", "top up"])
+            for q in ("my card was charged twice", "how do I add money to my account please", "refund")]
+    for kw in (dict(temperature=0.0), dict(temperature=0.9, top_p=0.9)):
+        reqs = [GenRequest.of(m, n=2 if i == 1 else 1, max_tokens=12, seed=10 + i, **kw) for i, m in enumerate(msgs)]
+        together = embedded_raw.generate(reqs)
+        alone = [embedded_raw.generate([r])[0] for r in reqs]
+        assert together == alone
+        assert [len(t) for t in together] == [1, 2, 1] and all(x.strip() for t in together for x in t)
+    other_seed = embedded_raw.generate([GenRequest.of(msgs[1], n=2, max_tokens=12, seed=99, temperature=0.9,
+                                                      top_p=0.9)])[0]
+    assert other_seed != together[1]  # the seed matters: replies are draws, not one fixed text
+
+
 def _slang_dataset() -> Dataset:
     """massive_scenario rows of the six labels, gold renamed to the user's slang. The candidate label set the
     model is shown stays the original names (what a small model understands): the user's wording is exactly

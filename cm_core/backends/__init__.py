@@ -1,4 +1,5 @@
-"""Backends by spec string: ``embedded``, ``openai:MODEL`` (with optional base_url), ``hf:ID_OR_PATH``."""
+"""Backends by spec string: ``embedded`` (``embedded:bfloat16`` for its bf16 weights), ``openai:MODEL`` (with
+optional base_url), ``hf:ID_OR_PATH``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +20,10 @@ def make_backend(spec: str = "embedded", *, cache_dir: str | Path | None = None,
     kind, _, name = spec.partition(":")
     if kind == "embedded":
         from .hf import EmbeddedLLM
-        llm: LLM = EmbeddedLLM(**kw)
+        if name not in ("", "float32", "bfloat16"):
+            raise CMError(f"unknown embedded dtype {name!r}: use embedded (float32) or embedded:bfloat16")
+        # bf16: what the official Llama runs load; on a CPU with AMX it encodes long prompts ~3x faster than fp32
+        llm: LLM = EmbeddedLLM(**({"dtype": name} if name else {}), **kw)
     elif kind == "openai":
         if not name:
             raise CMError("openai backend needs a model: openai:gpt-4o-mini")

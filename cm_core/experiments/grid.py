@@ -41,12 +41,16 @@ GRID_KEYS = {
     "protocol": "ours (calibrated scoring, soft CM, de-duplicated splits; default) | paper (the official experiment: "
                 "its splits, prompts, decoding, strict scoring and one shared zero-shot bank)",
     "n_test_other": "paper protocol: test queries of the base methods after zero-shot (default: n_test)",
+    "rename": "ours protocol: codes | nicknames, the vocabulary-misalignment setting (the user's labels renamed, "
+              "own_words answering in the original names; cm_core/misalign.py). Default null: the labels as they are",
     "base_url": "OpenAI-compatible server for openai:MODEL specs",
     "bank_method": "base method whose bank bank.ipynb inspects (default: the first base method using the LLM)",
     "cache_dir": "response cache folder, relative to the working directory (default .cm_cache)",
     "timeout": "seconds one notebook cell may run (papermill execution_timeout, default 7200)",
     "threads": "CPU threads of torch/BLAS in the kernels (OMP_NUM_THREADS; default: the library's choice)",
     "jobs": "grid cells run at once, each in its own kernel (default 1; 2 with threads 1 suits a 2-core CPU)",
+    "sections": "output folders of other grids, relative to --out (e.g. [\"paper\", \"misalign_codes\"]): index.html "
+                "shows each one's results table as a section and links its own index",
 }
 
 
@@ -98,13 +102,17 @@ def check_grid(grid: Any, source: str = "<grid>") -> dict[str, Any]:
         g["methods"] = make_request(dataset=g["datasets"][0], methods=g.get("methods"),
                                     decoding=g["decoding"], list_labels=g["list_labels"], protocol=g["protocol"],
                                     temperature=g["temperature"], calibrate=g["calibrate"],
-                                    n_test_other=g.get("n_test_other"))["methods"]
+                                    n_test_other=g.get("n_test_other"), rename=g.get("rename"))["methods"]
     except CMError as e:
         raise CMError(f"{source}: {e}") from None
     for key in ("timeout", "threads", "jobs", "n_test", "seed", "n_test_other"):
         v = g.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and key != "seed")):
             raise CMError(f"{source}: '{key}' must be a positive integer, got {v!r}")
+    sections = g.get("sections")
+    if sections is not None and (not isinstance(sections, list) or not all(
+            isinstance(x, str) and x and not Path(x).is_absolute() and ".." not in Path(x).parts for x in sections)):
+        raise CMError(f"{source}: 'sections' must be a list of folders inside --out, got {sections!r}")
     if not isinstance(g["calibrate"], bool):
         raise CMError(f"{source}: 'calibrate' must be true or false, got {g['calibrate']!r}")
     if g.get("bank_method") and registry.split_method_name(g["bank_method"])[1] is not None:
@@ -128,6 +136,7 @@ def expand_grid(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
                 ds_name = Path(dataset).stem if os.sep in dataset or "/" in dataset else dataset
                 protocol = grid.get("protocol", "ours")
                 prefix = "" if protocol == "ours" else f"{protocol}_"  # ours keeps the ids it always had
+                prefix += f"{grid['rename']}_" if grid.get("rename") else ""
                 cells.append({
                     "id": f"{prefix}{_slug(model)}_{_slug(ds_name)}_{tag}", "model": model, "dataset": dataset,
                     "protocol": protocol,
@@ -140,7 +149,7 @@ def expand_grid(grid: Mapping[str, Any]) -> list[dict[str, Any]]:
                                "methods": list(grid["methods"]), "seed": grid["seed"], "decoding": grid["decoding"],
                                "list_labels": grid["list_labels"], "calibrate": grid["calibrate"],
                                "bank_method": grid.get("bank_method"), "protocol": protocol,
-                               "n_test_other": grid.get("n_test_other")}})
+                               "n_test_other": grid.get("n_test_other"), "rename": grid.get("rename")}})
     return cells
 
 
@@ -231,15 +240,28 @@ def run_grid(grid: Mapping[str, Any], out_dir: str | os.PathLike = "reports", *,
         else:
             records = [run_cell(**t, log=log) for t in tasks]
     records = [_with_results(r, out) for r in records]
-    # index.html covers the whole grid: cells not run this time (--only) show their last finished run, if any
-    ran = {r["id"]: r for r in records}
-    shown = [ran.get(c["id"]) or _previous_record(c, out) for c in all_cells]
-    index = out / "index.html"
-    index.write_text(render_index(grid, [r for r in shown if r], grid_source=grid_source,
-                                  seconds=time.time() - t_grid), encoding="utf-8")
+    index = write_index(grid, out, {r["id"]: r for r in records}, grid_source, seconds=time.time() - t_grid)
     log(f"wrote {index} ({sum(r['status'] == 'ok' for r in records)} of {len(records)} runs ok, "
         f"{time.time() - t_grid:.0f}s)")
     return records
+
+
+def write_index(grid: Mapping[str, Any], out: Path, ran: Mapping[str, dict] | None = None, grid_source: str = "",
+                seconds: float | None = None) -> Path:
+    """``<out>/index.html`` over the whole grid (a cell not run this time shows its last finished run, if any),
+    with the tables of the grids named in ``sections``, read from their own output folders."""
+    ran = ran or {}
+    shown = [ran.get(c["id"]) or _previous_record(c, out) for c in expand_grid(grid)]
+    sections = []
+    for folder in grid.get("sections") or []:
+        sub = out / folder
+        records = [_with_results(json.loads(p.read_text(encoding="utf-8")), sub)
+                   for p in sorted(sub.glob("runs/*/run.json"))]
+        sections.append({"folder": folder, "records": [r for r in records if r.get("results")]})
+    index = out / "index.html"
+    index.write_text(render_index(grid, [r for r in shown if r], grid_source=grid_source, seconds=seconds,
+                                  sections=sections), encoding="utf-8")
+    return index
 
 
 def _run_cell_logged(task: dict) -> dict:
@@ -331,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="execute every run again and recompute its results, even when it is up to date (LLM "
                          "answers still come from the response cache)")
     ap.add_argument("--list", action="store_true", help="print the grid's cells and exit")
+    ap.add_argument("--index-only", action="store_true",
+                    help="render index.html from the runs already in --out (and its sections), running nothing")
     return ap
 
 
@@ -343,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for c in expand_grid(grid):
                 if not a.only or a.only in c["id"]:
                     print(c["id"])
+            return 0
+        if a.index_only:
+            print(f"wrote {write_index(grid, Path(a.out).resolve(), grid_source=a.grid)}")
             return 0
         records = run_grid(grid, a.out, cache_dir=a.cache_dir, timeout=a.timeout, kernel=a.kernel,
                            notebooks_dir=a.notebooks, force=a.force, only=a.only, threads=a.threads, jobs=a.jobs,

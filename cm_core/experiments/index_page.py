@@ -21,9 +21,10 @@ _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=
 
 
 def render_index(grid: Mapping[str, Any], records: Sequence[Mapping[str, Any]], *, grid_source: str = "",
-                 seconds: float | None = None) -> str:
+                 seconds: float | None = None, sections: Sequence[Mapping[str, Any]] = ()) -> str:
     """The page for ``grid`` (as :func:`cm_core.experiments.grid.check_grid` returns it) over run records (as
-    :func:`cm_core.experiments.grid.run_cell` returns them, with their results dicts)."""
+    :func:`cm_core.experiments.grid.run_cell` returns them, with their results dicts). ``sections``: other grids'
+    finished runs (``{"folder", "records"}``), each shown as its own results table linking into its folder."""
     from .. import __version__
     ok = [r for r in records if r.get("results")]
     fig = report.fraction_figure(ok)
@@ -32,9 +33,22 @@ def render_index(grid: Mapping[str, Any], records: Sequence[Mapping[str, Any]], 
         version=__version__, code=code_fingerprint(), generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         paper_table=report.paper_table_html(ok, link=lambda r: r["html"].get("evaluate")),
         fraction_png=report.figure_png_base64(fig) if fig is not None else None,
-        verdicts=[{"href": r["html"]["evaluate"], "id": r["id"], "text": report.verdict(r["results"])}
+        verdicts=[{"href": r["html"]["evaluate"], "id": r["id"],
+                   "text": f"{report.verdict(r['results'])} {report.cm_verdict(r['results'])}"}
                   for r in ok if "evaluate" in r["html"]],
-        runs=[_run_row(r) for r in records])
+        runs=[_run_row(r) for r in records], sections=[_section(s) for s in sections])
+
+
+def _section(section: Mapping[str, Any]) -> dict[str, Any]:
+    """Another grid's results, summarized from its runs' results: what made them and its table."""
+    folder, recs = section["folder"], section["records"]
+    configs = [r["results"]["config"] for r in recs]
+    protocols = sorted({c.get("protocol", "ours") for c in configs})
+    renames = sorted({c["rename"] for c in configs if c.get("rename")})
+    return {"folder": folder, "href": f"{folder}/index.html", "n_runs": len(recs), "protocols": protocols,
+            "setting": report._rename_text(configs[0]) if renames else "",
+            "table": report.paper_table_html(recs, link=lambda r: f"{folder}/{r['html']['evaluate']}"
+                                             if "evaluate" in r.get("html", {}) else None)}
 
 
 def _run_row(r: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 from .. import registry
 from ..bank import MemoryBank
 from ..errors import CMError
+from ..misalign import SCHEMES, misaligned
 from .fingerprint import code_fingerprint
 
 DEFAULT_METHODS = ("zero_shot", "zero_shot+cm_paper", "zero_shot+cm_soft", "label_similarity",
@@ -41,13 +42,15 @@ def make_request(*, dataset: str, model: str = "embedded", base_url: str | None 
                  pref_fraction: float | None = 0.05, pref_count: int | None = None, temperature: float = 0.7,
                  n_test: int | None = 200, methods: str | Sequence[str] | None = None, seed: int = 40,
                  decoding: str = "score", list_labels: bool | None = None, calibrate: bool = True,
-                 protocol: str = "ours", n_test_other: int | None = None) -> dict[str, Any]:
+                 protocol: str = "ours", n_test_other: int | None = None, rename: str | None = None) -> dict[str, Any]:
     """Everything that determines a run's results, the library code included: equal requests, equal results.
 
     The one place the notebook parameters get their defaults and are checked (method names, decoding), before
     any model loads. ``pref_count`` overrides ``pref_fraction``; ``list_labels`` None lets the decoding decide.
     ``protocol`` "paper" runs the official experiment (its own splits, prompts and decoding: our protocol's settings
     must stay at their defaults there; ``n_test_other`` is its test budget for the base methods after zero-shot).
+    ``rename`` (ours only): the vocabulary-misalignment setting (:mod:`cm_core.misalign`), the dataset's labels
+    renamed by that scheme and ``own_words`` answering in the original names.
     """
     if protocol not in registry.PROTOCOLS:
         raise CMError(f"protocol must be one of {', '.join(registry.PROTOCOLS)}, got {protocol!r}")
@@ -57,7 +60,7 @@ def make_request(*, dataset: str, model: str = "embedded", base_url: str | None 
     if protocol == "paper":
         ours_only = {"pref_count": pref_count is not None, "temperature": temperature != 0.7,
                      "decoding": decoding != "score", "list_labels": list_labels is not None,
-                     "calibrate": calibrate is not True}
+                     "calibrate": calibrate is not True, "rename": rename is not None}
         given = [k for k, v in ours_only.items() if v]
         if given:
             raise CMError(f"{', '.join(given)}: our protocol's settings; the paper protocol fixes them")
@@ -65,6 +68,8 @@ def make_request(*, dataset: str, model: str = "embedded", base_url: str | None 
         raise CMError("n_test_other belongs to the paper protocol")
     for m in methods:
         registry.split_method_name(m, protocol)
+    if rename is not None and rename not in SCHEMES:
+        raise CMError(f"rename must be one of {', '.join(SCHEMES)} or None, got {rename!r}")
     if decoding not in ("score", "generate"):
         raise CMError(f"decoding must be 'score' or 'generate', got {decoding!r}")
     if list_labels is not None and not isinstance(list_labels, bool):
@@ -73,7 +78,7 @@ def make_request(*, dataset: str, model: str = "embedded", base_url: str | None 
             "pref_fraction": None if pref_count is not None else pref_fraction, "pref_count": pref_count,
             "temperature": temperature, "n_test": n_test, "methods": methods, "seed": seed,
             "decoding": decoding, "list_labels": list_labels, "calibrate": bool(calibrate),
-            "protocol": protocol, "n_test_other": n_test_other, "code": code_fingerprint()}
+            "protocol": protocol, "n_test_other": n_test_other, "rename": rename, "code": code_fingerprint()}
 
 
 def load_reusable(results_path: str | os.PathLike | None, request: Mapping[str, Any]) -> dict | None:
@@ -114,9 +119,14 @@ def _evaluate(request: Mapping[str, Any], cache_dir: str | os.PathLike) -> dict[
             return run_evaluation(r["dataset"], llm, r["methods"], protocol="paper", pref_fraction=r["pref_fraction"],
                                   n_test=r["n_test"], n_test_other=r["n_test_other"], seed=r["seed"])
         dec = Decoding(mode=r["decoding"], calibrate=r["calibrate"], list_labels=r["list_labels"], seed=r["seed"])
-        return run_evaluation(load_dataset(r["dataset"]), llm, r["methods"], pref_fraction=r["pref_fraction"],
-                              pref_count=r["pref_count"], n_test=r["n_test"], seed=r["seed"],
-                              bank_temperature=r["temperature"], decoding=dec)
+        ds, responses = load_dataset(r["dataset"]), None
+        if r.get("rename"):
+            ds, responses = misaligned(ds, r["rename"])
+        res = run_evaluation(ds, llm, r["methods"], pref_fraction=r["pref_fraction"], pref_count=r["pref_count"],
+                             n_test=r["n_test"], seed=r["seed"], bank_temperature=r["temperature"], decoding=dec,
+                             responses=responses)
+        res["config"]["rename"] = r.get("rename")
+        return res
     finally:
         if llm is not None:
             llm.close()
