@@ -110,6 +110,10 @@ def cmd_estimate(a) -> dict:
     _check_protocol_flags(a)
     if a.protocol == "paper":
         return _estimate_paper(a)
+    base_name, _ = registry.split_method_name(a.method)
+    if not registry.supports_cm(base_name):
+        raise CMError(f"{base_name} is trained on the preference samples themselves: a bank of its answers to them "
+                      "would be an identity, so no bank is estimated for it")
     ds = _dataset(a, a.dataset)
     if a.all_samples:
         samples = ds.examples

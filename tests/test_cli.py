@@ -281,3 +281,11 @@ def test_own_words_with_a_response_file_on_a_fake_backend(tmp_path, fake_openai,
         set(res["banks"]["own_words"]["bank"]["counts"]["alarm"]) == {"wake-up buzz"}
     assert main(["evaluate", "--dataset", str(data), "--methods", "knn", "--responses", str(tmp_path / "none.txt"),
                  "--output", str(tmp_path / "x.json")]) == 2
+
+
+def test_no_bank_for_a_method_trained_on_the_samples(tiny, tmp_path, capsys):
+    out = tmp_path / "bank.json"
+    rc, so, se = _main(["estimate", "--dataset", str(tiny), "--method", "setfit", "--all-samples",
+                        "--output", str(out)], capsys)
+    _assert_one_line_error(rc, so, se, "setfit is trained on the preference samples themselves")
+    assert not out.exists()

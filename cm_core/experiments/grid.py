@@ -183,6 +183,24 @@ def check_kernel(kernel: str) -> None:
                       f"--name {kernel}`, see `jupyter kernelspec list`") from None
 
 
+def make_portable(path: Path, root: Path) -> None:
+    """Strip what only the machine that ran a notebook knows from it (or from a results JSON): paths under the
+    repository become repository-relative, and a notebook's stderr streams (library warnings that name
+    site-packages files) are dropped. Errors stay: a failed cell keeps its traceback."""
+    text = path.read_text(encoding="utf-8")
+    for prefix in (str(root) + os.sep, str(root)):
+        escaped = json.dumps(prefix)[1:-1]
+        text = text.replace(escaped, "" if prefix.endswith(os.sep) else ".")
+    if path.suffix == ".ipynb":
+        nb = json.loads(text)
+        for cell in nb.get("cells", []):
+            if "outputs" in cell:
+                cell["outputs"] = [o for o in cell["outputs"]
+                                   if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+        text = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
 def execute_notebook(src: Path, dst: Path, params: Mapping[str, Any], *, cwd: Path, kernel: str = "python3",
                      timeout: int | None = None) -> str | None:
     """Run one notebook with papermill; the executed notebook is written to ``dst`` even when a cell fails.
@@ -297,6 +315,7 @@ def run_cell(*, cell: Mapping[str, Any], out: str, nb_dir: str, common: Mapping[
         err = execute_notebook(nb_p / f"{name}.ipynb", dst, params, cwd=run_dir, kernel=kernel, timeout=timeout)
         rec["seconds"][name] = round(time.time() - t0, 1)
         if dst.is_file():  # papermill writes the executed notebook even when a cell failed
+            make_portable(dst, Path(common["repo_root"]))
             rec["notebooks"][name] = dst.relative_to(out_p).as_posix()
             try:
                 notebook_to_html(dst, page, title=f"{name} · {cell['id']}")
@@ -307,6 +326,7 @@ def run_cell(*, cell: Mapping[str, Any], out: str, nb_dir: str, common: Mapping[
             rec.update(status="failed", error=f"{name}.ipynb: {err}")
         log(f"{tag} {cell['id']}: {name} {'ok' if not err else 'FAILED: ' + err} ({rec['seconds'][name]}s)".strip())
     if results_path.is_file():
+        make_portable(results_path, Path(common["repo_root"]))
         rec["results_json"] = results_path.relative_to(out_p).as_posix()
     write_json(run_dir / "run.json", rec)
     return rec
