@@ -236,7 +236,8 @@ def verdict(results: Mapping[str, Any]) -> str:
     return head + tail + "."
 
 
-def _p_eq(p: float) -> str:
+def p_equals(p: float) -> str:
+    """``=0.031`` or ``<0.001``: a p-value after the letter p."""
     text = fmt_p(p)
     return text if text.startswith("<") else f"={text}"
 
@@ -252,7 +253,7 @@ def cm_verdict(results: Mapping[str, Any]) -> str:
     deltas = [100 * r["delta"] for _, r in pairs]
 
     def listed(items):
-        return ", ".join(f"{m} {100 * r['delta']:+.1f} (p{_p_eq(r['p_value'])})" for m, r in items)
+        return ", ".join(f"{m} {100 * r['delta']:+.1f} (p{p_equals(r['p_value'])})" for m, r in items)
 
     text = (f"CM against its base, {len(pairs)} comparisons: Δ from {min(deltas):+.1f} to {max(deltas):+.1f} "
             "points; ")

@@ -30,8 +30,7 @@ def _cell(r: Mapping[str, Any]) -> str:
     ci = r.get("ci95") or [0, 0]
     text = f"{100 * r['accuracy']:.1f} [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
     if r.get("p_value") is not None:
-        p = report.fmt_p(r["p_value"])
-        text += f" Δ{100 * r['delta']:+.1f} p{p if p.startswith('<') else '=' + p}"
+        text += f" Δ{100 * r['delta']:+.1f} p{report.p_equals(r['p_value'])}"
         if report.is_significant(r):
             text = f"**{text}**"
     return text
