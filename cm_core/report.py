@@ -157,7 +157,7 @@ def run_info(obj: Mapping[str, Any]) -> pd.DataFrame:
         ("preference samples", f"{c.get('pref_count')}" + (f" ({100 * c['pref_fraction']:g}% of the data)"
                                                            if c.get("pref_fraction") else "")),
         ("n_test", c.get("n_test")),
-        *([("setting", _rename_text(c))] if c.get("rename") else []),
+        *([("setting", rename_text(c))] if c.get("rename") else []),
         ("seed", c.get("seed")),
         ("bank temperature", c.get("bank_temperature")),
         ("label choice", c.get("scoring")),
@@ -187,7 +187,7 @@ def _protocol_text(config: Mapping[str, Any]) -> str:
     return "ours (calibrated scoring, soft CM, de-duplicated splits)"
 
 
-def _rename_text(config: Mapping[str, Any]) -> str:
+def rename_text(config: Mapping[str, Any]) -> str:
     """The vocabulary-misalignment setting a run was made in (cm_core/misalign.py)."""
     how = {"codes": "opaque codes", "nicknames": "nicknames that are unrelated real words"}.get(config["rename"],
                                                                                              config["rename"])

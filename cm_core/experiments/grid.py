@@ -272,10 +272,7 @@ def write_index(grid: Mapping[str, Any], out: Path, ran: Mapping[str, dict] | No
     shown = [ran.get(c["id"]) or _previous_record(c, out) for c in expand_grid(grid)]
     sections = []
     for folder in grid.get("sections") or []:
-        sub = out / folder
-        records = [_with_results(json.loads(p.read_text(encoding="utf-8")), sub)
-                   for p in sorted(sub.glob("runs/*/run.json"))]
-        sections.append({"folder": folder, "records": [r for r in records if r.get("results")]})
+        sections.append({"folder": folder, "records": finished_runs(out / folder)})
     index = out / "index.html"
     index.write_text(render_index(grid, [r for r in shown if r], grid_source=grid_source, seconds=seconds,
                                   sections=sections), encoding="utf-8")
@@ -330,6 +327,14 @@ def run_cell(*, cell: Mapping[str, Any], out: str, nb_dir: str, common: Mapping[
         rec["results_json"] = results_path.relative_to(out_p).as_posix()
     write_json(run_dir / "run.json", rec)
     return rec
+
+
+def finished_runs(out: str | os.PathLike) -> list[dict[str, Any]]:
+    """The finished runs stored in a grid's output folder (``runs/*/run.json``), each with its results."""
+    out = Path(out)
+    records = [_with_results(json.loads(p.read_text(encoding="utf-8")), out)
+               for p in sorted(out.glob("runs/*/run.json"))]
+    return [r for r in records if r.get("results")]
 
 
 def _with_results(rec: dict, out: Path) -> dict:

@@ -46,7 +46,7 @@ def _section(section: Mapping[str, Any]) -> dict[str, Any]:
     protocols = sorted({c.get("protocol", "ours") for c in configs})
     renames = sorted({c["rename"] for c in configs if c.get("rename")})
     return {"folder": folder, "href": f"{folder}/index.html", "n_runs": len(recs), "protocols": protocols,
-            "setting": report._rename_text(configs[0]) if renames else "",
+            "setting": report.rename_text(configs[0]) if renames else "",
             "table": report.paper_table_html(recs, link=lambda r: f"{folder}/{r['html']['evaluate']}"
                                              if "evaluate" in r.get("html", {}) else None)}
 

@@ -6,24 +6,11 @@ CM variant, Δ and the exact McNemar p against its base.
 """
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .. import report
-
-
-def load_runs(folder: str | Path) -> list[dict[str, Any]]:
-    """The finished runs of a grid folder (``runs/*/run.json`` with their results)."""
-    out = []
-    for p in sorted(Path(folder).glob("runs/*/run.json")):
-        rec = json.loads(p.read_text(encoding="utf-8"))
-        res = p.parent / "results.json"
-        if rec.get("status") == "ok" and res.is_file():
-            rec["results"] = json.loads(res.read_text(encoding="utf-8"))
-            out.append(rec)
-    return out
+from .grid import finished_runs
 
 
 def _cell(r: Mapping[str, Any]) -> str:
@@ -63,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
         return 2
     for folder in folders:
-        runs = load_runs(folder)
+        runs = finished_runs(folder)
         print(f"### {folder} ({len(runs)} finished runs)\n")
         print(markdown_tables(runs) if runs else "no finished runs\n")
     return 0
