@@ -267,7 +267,7 @@ def _check_split(ds, split: Split, bank_given: bool = False) -> None:
 
 PROTOCOL_HELP = ("ours (default): calibrated scoring, soft CM, de-duplicated splits; paper: the official experiment "
                  "(official splits, prompts, decoding, strict scoring, one zero-shot bank; +cm_paper as coded, +cm "
-                 "as the formula reads)")
+                 "as the formula reads, +cm_shrunk the formula over the shrunk bank, this project's addition)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -315,6 +315,8 @@ def run_paper_evaluation(dataset: Dataset | str, llm: LLM, methods: Sequence[str
             cm_preds = cm.predict(texts)
             group[cm_name], base_of[cm_name] = [p.label for p in cm_preds], base_name
             extra[cm_name] = {**cm_actions(cm_preds), "time_s": round(time.time() - t0, 2), "kind": "llm"}
+            if getattr(cm, "shrinkage_", None):
+                extra[cm_name]["shrinkage"] = cm.shrinkage_
         scored = compare(gold, group, base_of, n_boot, seed)  # each method on its own rows
         results.update({m: {**scored[m], **extra[m]} for m in group})
         predictions.update(group)
@@ -356,6 +358,8 @@ def paper_departures(todo: Mapping[str, Sequence[str]], llm: LLM, info: Mapping[
                    "labels only; both rules use only the candidate set, so no answer changes); the re-ask lists an "
                    "entry's candidates most frequent first, ties alphabetical (officially list(set(...)), whose order "
                    "is hash-random)")
+    added = sorted({v for vs in todo.values() for v in vs} & set(registry.PAPER_ADDITIONS))
+    out += [registry.PAPER_ADDITIONS[v] for v in added]
     out.append(f"sampling: every request is seeded (from seed {seed} and its prompt) and the response cache answers a "
                f"repeated prompt from disk, so a rerun reproduces; {paper.DEPARTURES['sampling_rng']}")
     out += [paper.DEPARTURES["set_answer_order"], paper.DEPARTURES["unicode_escape_error"]]

@@ -39,7 +39,11 @@ BASELINES = tuple(n for n, c in METHODS.items() if not c.needs_llm)
 ALL_METHODS = tuple(METHODS)
 CM_VARIANTS = VARIANTS  # suffix -> (form, single-candidate rule, shrink)
 PROTOCOLS = ("ours", "paper")
-PAPER_VARIANTS = ("+cm_paper", "+cm")  # as coded, as the formula reads; +cm_soft needs p(y|x), which they lack
+PAPER_VARIANTS = ("+cm_paper", "+cm", "+cm_shrunk")  # as coded, as the formula reads, and (this project's, not
+# the official code's) the formula over the shrunk bank; +cm_soft needs p(y|x), which the paper's methods lack
+PAPER_ADDITIONS = {"+cm_shrunk": "+cm_shrunk is this project's addition, not the official code's: the paper's formula "
+                                 "(+cm) over the shared bank shrunk toward keeping each answer, the prior strength "
+                                 "chosen on the preference rows alone (cm_core.shrink)"}
 
 
 def _methods(protocol: str) -> dict[str, type[Method]]:
@@ -62,7 +66,8 @@ def split_method_name(name: str, protocol: str = "ours") -> tuple[str, str | Non
         if protocol == "paper":
             known = " (a method of our protocol)" if base in METHODS else ""
             raise CMError(f"method {name!r}{known} is not in the paper protocol; its methods: {', '.join(methods)}, "
-                          "each optionally with +cm_paper (as coded) or +cm (the formula)")
+                          "each optionally with +cm_paper (as coded), +cm (the formula) or +cm_shrunk (ours: the "
+                          "formula over the shrunk bank)")
         raise CMError(f"unknown method {name!r}; methods: {', '.join(METHODS)}, each optionally with "
                       f"{', '.join(VARIANTS)}")
     if suffix is not None and not supports_cm(base, protocol):
@@ -179,4 +184,5 @@ def _build_paper(name: str, *, labels, llm, bank, base, seed, dataset) -> Method
     base = base or cls(llm, labels, **kw)
     few_shot = base if isinstance(base, PaperFewShot) and base.gpt else None  # the GPT runs re-ask with its prompt
     chooser = PaperChooser(llm, labels, few_shot=few_shot, **kw)
-    return CM(BankLookup(base), chooser, form="hard", single=VARIANTS[variant][1], bank=bank, prefit=prefit)
+    _, single, shrink = VARIANTS[variant]
+    return CM(BankLookup(base), chooser, form="hard", single=single, bank=bank, prefit=prefit, shrink=shrink)

@@ -19,7 +19,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from cm_core import experiments, report
+from cm_core import experiments, registry, report
 from cm_core.errors import CMError
 from cm_core.experiments import fingerprint
 
@@ -57,13 +57,22 @@ def test_grid_files_parse_and_expand():
 
     emb = experiments.load_grid(GRIDS / "embedded.json")
     cells = experiments.expand_grid(emb)
-    assert sorted(c["dataset"] for c in cells) == ["banking77", "clinc", "massive_scenario", "mtop_intent",
-                                                   "stackexchange"]
-    assert emb["n_test"] == 200 and emb["pref_fractions"] == [0.05] and emb["seed"] == 40
-    assert emb["cache_dir"] == ".cm_cache" and emb["models"] == ["embedded"]
-    assert {"zero_shot", "zero_shot+cm_paper", "zero_shot+cm_soft", "label_similarity", "label_similarity+cm", "knn",
-            "logreg"} <= set(emb["methods"])
-    assert cells[0]["id"] == "embedded_clinc_0.05"
+    assert sorted({c["dataset"] for c in cells}) == ["banking77", "clinc", "massive_scenario", "mtop_intent",
+                                                     "stackexchange"]
+    assert emb["n_test"] == 200 and emb["pref_fractions"] == [0.01, 0.05] and emb["seed"] == 40
+    assert emb["cache_dir"] == ".cm_cache" and emb["models"] == ["embedded:bfloat16"]
+    assert {"zero_shot", "zero_shot+cm_paper", "zero_shot+cm_soft", "zero_shot+cm_shrunk", "zero_shot+cm_soft_shrunk",
+            "label_similarity", "label_similarity+cm_shrunk", "knn+cm_shrunk", "logreg+cm_shrunk"} <= set(emb["methods"])
+    assert cells[0]["id"] == "embedded-bfloat16_banking77_0.01"
+
+    # the ours-protocol cells to read beside the paper grid: same model, datasets, bank sizes and base methods
+    paper, beside = (experiments.load_grid(GRIDS / f) for f in ("paper.json", "paper_ours.json"))
+    assert paper["protocol"] == "paper" and beside.get("protocol", "ours") == "ours"
+    for key in ("models", "datasets", "pref_fractions", "seed"):
+        assert paper[key] == beside[key], key
+    bases = lambda g: {registry.split_method_name(m, g.get("protocol", "ours"))[0] for m in g["methods"]}
+    assert bases(paper) == bases(beside) == {"zero_shot", "few_shot", "cot", "self_consistency"}
+    assert "zero_shot+cm_shrunk" in paper["methods"] and "cot+cm_shrunk" in beside["methods"]
 
     frac = experiments.expand_grid(experiments.load_grid(GRIDS / "fractions.json"))
     assert {c["params"]["pref_fraction"] for c in frac} == {0.01, 0.02, 0.05}
@@ -514,6 +523,13 @@ def test_index_only_renders_sections_and_markdown_tables_from_stored_runs(tmp_pa
     assert tables.main([str(out / "sub")]) == 0
     md = capsys.readouterr().out
     assert "| method | big |" in md and "| zero_shot+cm | **90.0 [" in md and "Δ+80.0 p" in md
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- tables reports/sub -->\nstale numbers\n<!-- /tables -->\nafter\n")
+    assert tables.main(["--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "stale numbers" not in text and text.startswith("intro\n<!-- tables reports/sub -->\n#### `reports/sub` (")
+    assert "| zero_shot+cm | **90.0 [" in text and text.endswith("<!-- /tables -->\nafter\n")
+    assert tables.refill(text, tmp_path) == text  # refilling twice changes nothing
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"datasets": ["toy"], "sections": ["../elsewhere"]}))
     assert grid_main(["--grid", str(bad), "--out", str(out), "--index-only"]) != 0

@@ -20,7 +20,7 @@ from cm_core.data import data_dir
 from cm_core.cm import CM
 from cm_core.data import Example
 from cm_core.errors import CMError
-from cm_core.evaluate import run_evaluation
+from cm_core.evaluate import paper_departures, run_evaluation
 from cm_core.paper_methods import (BankLookup, PaperChooser, PaperCoT, PaperFewShot, PaperSelfConsistency,
                                    PaperSelfRefine, PaperZeroShot, load_bank)
 
@@ -183,6 +183,26 @@ def test_cm_paper_keeps_a_single_candidate_answer_while_cm_maps_it():
     p, = formula.predict(["q"])
     assert (p.label, p.info["action"]) == ("weather", "map")
     assert not llm.of_kind("choose")
+
+
+def test_cm_shrunk_in_the_paper_protocol_trusts_a_thick_row_and_is_labelled_ours():
+    """+cm_shrunk (this project's addition): a row where 'alarm' was the user's label 5 times out of 6 keeps 'alarm'
+    under the shrunk bank, while the formula (+cm) re-asks among both candidates."""
+    bank = MemoryBank.from_pairs([("alarm", "alarm")] * 5 + [("alarm", "weather")])
+    llm = FakeLLM({"zero_shot": "{'alarm'}", "choose": "{'weather'}"})
+    shrunk = registry.build("zero_shot+cm_shrunk", labels=LABELS, llm=llm, bank=bank, protocol="paper").fit([])
+    assert shrunk.name == "zero_shot+cm_shrunk" and shrunk.shrinkage_["alpha"] > 0
+    p, = shrunk.predict(["q"])
+    assert (p.label, p.info["action"]) == ("alarm", "keep") and not llm.of_kind("choose")
+    formula = registry.build("zero_shot+cm", labels=LABELS, llm=llm, bank=bank, protocol="paper").fit([])
+    p, = formula.predict(["q"])
+    assert (p.label, p.info["action"]) == ("weather", "choose")
+    with pytest.raises(CMError, match="give no p"):
+        registry.build("zero_shot+cm_soft_shrunk", labels=LABELS, llm=llm, bank=bank, protocol="paper")
+    info = {"departures": [], "n_test": 10}
+    plain = paper_departures({"zero_shot": ["+cm"]}, llm, info, 10, 10, [], 40)
+    added = paper_departures({"zero_shot": ["+cm", "+cm_shrunk"]}, llm, info, 10, 10, [], 40)
+    assert [d for d in added if d not in plain] == [registry.PAPER_ADDITIONS["+cm_shrunk"]]
 
 
 def test_cm_looks_up_the_vote_cleaned_answer():

@@ -3,10 +3,17 @@ datasets, one table per (model, preference setting); each cell is accuracy with 
 CM variant, Δ and the exact McNemar p against its base.
 
     python -m cm_core.experiments.tables reports/misalign_codes [reports/paper ...]
+    python -m cm_core.experiments.tables --readme README.md
+
+``--readme`` refills every block of a markdown file written as ``<!-- tables FOLDER [FOLDER ...] -->`` ...
+``<!-- /tables -->`` with the tables of those folders (relative to the file's directory), so the README's numbers
+are always the committed runs' numbers and one command updates them.
 """
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .. import report
@@ -44,15 +51,38 @@ def markdown_tables(runs: Sequence[Mapping[str, Any]]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def folder_tables(folder: str | Path, heading: str = "###", name: str | None = None) -> str:
+    runs = finished_runs(folder)
+    body = markdown_tables(runs) if runs else "no finished runs\n"
+    return f"{heading} `{name or Path(folder).as_posix()}` ({len(runs)} finished runs)\n\n{body}"
+
+
+_BLOCK = re.compile(r"(<!-- tables ([^>]*?) -->\n)(.*?)(<!-- /tables -->)", re.S)
+
+
+def refill(text: str, root: str | Path) -> str:
+    """``text`` with each ``<!-- tables ... -->`` block's body replaced by the named folders' tables."""
+    def body(m: re.Match) -> str:
+        folders = m.group(2).split()
+        tables = "\n".join(folder_tables(Path(root) / f, "####", f) for f in folders)
+        return f"{m.group(1)}{tables}{m.group(4)}"
+    return _BLOCK.sub(body, text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    folders = list(argv if argv is not None else sys.argv[1:])
-    if not folders:
-        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+    args = list(argv if argv is not None else sys.argv[1:])
+    if args[:1] == ["--readme"] and len(args) == 2:
+        path = Path(args[1])
+        text = path.read_text(encoding="utf-8")
+        new = refill(text, path.parent)
+        path.write_text(new, encoding="utf-8")
+        print(f"{path}: {len(_BLOCK.findall(text))} table block(s) refilled")
+        return 0
+    if not args or args[0].startswith("-"):
+        print(__doc__.strip().splitlines()[4].strip(), file=sys.stderr)
         return 2
-    for folder in folders:
-        runs = finished_runs(folder)
-        print(f"### {folder} ({len(runs)} finished runs)\n")
-        print(markdown_tables(runs) if runs else "no finished runs\n")
+    for folder in args:
+        print(folder_tables(folder))
     return 0
 
 
