@@ -9,7 +9,12 @@ mass ``alpha`` on keeping ŷ (only where ŷ is one of the user's labels; otherwi
 
 ``alpha`` is chosen by the leave-one-out log-likelihood of the samples' own labels: each sample is predicted from
 the bank without it (a row left empty keeps ŷ, as the bank does for an answer it never saw). ``alpha = 0`` is the
-plain bank, so the data decide whether to shrink at all. Pure functions over plain data.
+plain bank, so the data decide whether to shrink at all. With 1-5 % of a dataset only rows holding two samples or
+more say anything about ``alpha``, and two or three of them can decide by a hair, so the choice follows a standard-
+error rule (as glmnet and CART pick a penalty, with two standard errors instead of their one): the LARGEST
+``alpha`` whose likelihood is within two standard errors (of the paired per-sample difference) of the best. A bank
+gets to move ŷ only where its evidence is significant at about the 5 % level. When no answer is one of the user's
+labels ``alpha`` has no effect and is 0. Pure functions over plain data.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import math
 from typing import Collection, Mapping
 
 ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+SE_RULE = 2.0  # standard errors of slack: keep ŷ unless trusting the bank is better at about the 5 % level
 FLOOR = 0.01  # share of uniform mass in the likelihood, so that one impossible label does not decide alone
 
 
@@ -34,25 +40,51 @@ def shrunk_conditional(response: str, row: Mapping[str, int], alpha: float,
     return out
 
 
-def loo_loglik(counts: Mapping[str, Mapping[str, int]], alpha: float, labels: Collection[str]) -> float:
-    """Mean leave-one-out log-likelihood of the samples' labels under the bank shrunk by ``alpha``."""
+def loo_terms(counts: Mapping[str, Mapping[str, int]], alpha: float,
+              labels: Collection[str]) -> list[tuple[float, int]]:
+    """(log-likelihood of a held-out sample's label, how many samples share it) for each (answer, label) cell."""
     k = max(1, len(labels))
-    total, n = 0.0, 0
+    out = []
     for response, row in counts.items():
         for label, c in row.items():
             held = {y: m - (y == label) for y, m in row.items() if m - (y == label) > 0}
             q = shrunk_conditional(response, held, alpha, labels) or {response: 1.0}  # no evidence: keep ŷ
-            p = (1 - FLOOR) * q.get(label, 0.0) + FLOOR / k
-            total += c * math.log(p)
-            n += c
-    return total / n if n else 0.0
+            out.append((math.log((1 - FLOOR) * q.get(label, 0.0) + FLOOR / k), c))
+    return out
+
+
+def loo_loglik(counts: Mapping[str, Mapping[str, int]], alpha: float, labels: Collection[str]) -> float:
+    """Mean leave-one-out log-likelihood of the samples' labels under the bank shrunk by ``alpha``."""
+    terms = loo_terms(counts, alpha, labels)
+    n = sum(c for _, c in terms)
+    return sum(t * c for t, c in terms) / n if n else 0.0
+
+
+def _paired_gap(best: list[tuple[float, int]], other: list[tuple[float, int]]) -> tuple[float, float]:
+    """Mean per-sample log-likelihood lost by ``other`` against ``best``, and its standard error."""
+    diffs = [(b - o, c) for (b, c), (o, _) in zip(best, other)]
+    n = sum(c for _, c in diffs)
+    if n < 2:
+        return 0.0, 0.0
+    mean = sum(d * c for d, c in diffs) / n
+    var = sum(c * (d - mean) ** 2 for d, c in diffs) / (n - 1)
+    return mean, math.sqrt(var / n)
 
 
 def choose_alpha(counts: Mapping[str, Mapping[str, int]], labels: Collection[str],
                  alphas=ALPHAS) -> dict[str, object]:
-    """The prior strength with the best leave-one-out likelihood (ties: the smaller), and every candidate's score
-    (stored in the bank's metadata and the results JSON, so a reader sees how clear the choice was)."""
+    """The prior strength by the standard-error rule (``SE_RULE``) over the leave-one-out likelihood, with every candidate's
+    score and the best one's (stored in the bank's metadata and the results JSON, so a reader sees how clear the
+    choice was)."""
     labels = set(labels)
-    scores = {a: loo_loglik(counts, a, labels) for a in alphas}
+    terms = {a: loo_terms(counts, a, labels) for a in alphas}
+    n = sum(c for _, c in terms[alphas[0]]) if alphas else 0
+    scores = {a: (sum(t * c for t, c in terms[a]) / n if n else 0.0) for a in alphas}
     best = max(alphas, key=lambda a: (round(scores[a], 12), -a))
-    return {"alpha": best, "loo_loglik": {str(a): round(s, 6) for a, s in scores.items()}}
+    if not any(r in labels for r in counts):
+        chosen = 0.0  # no answer is a user label: nothing to keep, alpha has no effect
+    else:
+        gaps = {a: _paired_gap(terms[best], terms[a]) for a in alphas}
+        chosen = max(a for a in alphas if gaps[a][0] <= SE_RULE * gaps[a][1] + 1e-12)
+    return {"alpha": chosen, "best_alpha": best, "rule": f"largest within {SE_RULE:g} standard errors of the best",
+            "loo_loglik": {str(a): round(s, 6) for a, s in scores.items()}}

@@ -51,6 +51,19 @@ def test_the_data_decide_how_much_to_shrink():
     assert choose_alpha(renamed, LABELS)["alpha"] == 0.0
 
 
+def test_standard_error_rule_needs_clear_evidence_to_trust_the_bank():
+    """One repeated deviation among lone ones is the best fit by a hair: the rule keeps ŷ (the largest alpha within
+    two standard errors); the same kind of deviation repeated in many rows is clear, and alpha stays 0."""
+    lone = {f"a{i}": {f"b{i}": 1, f"c{i}": 1} for i in range(20)}  # rows that say nothing about alpha
+    thin = {**lone, "music": {"radio": 2, "news": 1}}
+    labels = LABELS | set(thin) | {y for row in thin.values() for y in row}
+    chosen = choose_alpha(thin, labels)
+    assert chosen["best_alpha"] == 0.0 and chosen["alpha"] == 64.0 and chosen["rule"].startswith("largest within 2 ")
+    clear = {**lone, **{f"m{i}": {f"r{i}": 3} for i in range(10)}}
+    labels = LABELS | set(clear) | {y for row in clear.values() for y in row}
+    assert choose_alpha(clear, labels)["alpha"] == 0.0
+
+
 def test_hard_shrunk_rule_every_branch():
     bank = MemoryBank.from_pairs([("music", "radio"), ("news", "weather"), ("news", "weather"), ("news", "weather"),
                                   ("weather", "news"), ("weather", "radio")])
@@ -99,4 +112,4 @@ def test_the_evaluation_records_the_chosen_strength():
     res = run_evaluation(Dataset("toy", rows), None, ["label_similarity+cm_shrunk", "label_similarity+cm_soft_shrunk"],
                          pref_count=8, n_test=8, seed=3, n_boot=20)
     for name in ("label_similarity+cm_shrunk", "label_similarity+cm_soft_shrunk"):
-        assert set(res["results"][name]["shrinkage"]) == {"alpha", "loo_loglik"}
+        assert set(res["results"][name]["shrinkage"]) == {"alpha", "best_alpha", "rule", "loo_loglik"}
