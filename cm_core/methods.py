@@ -477,6 +477,12 @@ class FewShot(LLMMethod):
     def _contexts(self, texts, cands):
         return self.retriever_.nearest(texts, self.k)
 
+    def _calib_context(self, context):
+        """No demonstrations: they were retrieved FOR this query, and a content-free prompt that keeps them scores
+        their labels as the 'prior', so calibration cancelled the very signal retrieval adds (measured on banking77
+        in bf16: 16.5 % few-shot at 1 % of the data, 5.0 % at 5 %, where the demonstrations are closer)."""
+        return []
+
     def _messages(self, text, cands, context=None):
         return prompts.few_shot(text, self._shown(cands), context or [])
 
@@ -492,6 +498,9 @@ class FewShotFixed(FewShot):
 
     def _contexts(self, texts, cands):
         return [self.fixed_] * len(texts)
+
+    def _calib_context(self, context):
+        return context  # the same demonstrations for every query: contextual calibration as Zhao et al. (2021)
 
 
 class FewShotKNN(FewShot):
@@ -522,7 +531,7 @@ class ChainOfThought(LLMMethod):
         return list(zip(demos, self.chooser.generate_text(first, self.reasoning_tokens)))
 
     def _calib_context(self, context):
-        return (context[0], "")
+        return (None, "")  # the demonstration was retrieved for this query (see FewShot._calib_context)
 
     def _messages(self, text, cands, context=None):
         demo, reasoning = context

@@ -25,6 +25,8 @@ def zero_shot(query: str, labels: Sequence[str] | None) -> list[dict]:
 
 
 def few_shot(query: str, labels: Sequence[str] | None, examples: Sequence[Example]) -> list[dict]:
+    if not examples:
+        return zero_shot(query, labels)
     shots = "\n\n".join(f"Query: {e.text}\nLabel: {e.label}" for e in examples)
     return [{"role": "system", "content": system_prompt(labels)},
             {"role": "user", "content": f"Examples:\n\n{shots}\n\nQuery: {query}\nLabel:"}]

@@ -7,6 +7,7 @@ scoring costs a few ms per candidate token on an idle CPU core, far more on a bu
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from cm_core import prompts
@@ -15,7 +16,7 @@ from cm_core.bank import MemoryBank
 from cm_core.cm import CM
 from cm_core.data import Dataset, Example, load_dataset
 from cm_core.evaluate import accuracy, bootstrap_ci, macro_f1, mcnemar_p, run_evaluation
-from cm_core.methods import Decoding, ZeroShot, clean_answer, match_label
+from cm_core.methods import Decoding, FewShot, FewShotFixed, ZeroShot, clean_answer, match_label
 
 # the user's own names for six clearly distinct massive_scenario labels
 SLANG = {"alarm": "wake-up buzz", "weather": "sky report", "music": "tunes", "cooking": "grub",
@@ -83,6 +84,47 @@ def test_calibration_removes_the_label_prior():
     # restricted candidates (CM's second call) are scored among themselves only
     sub = ZeroShot(llm, LABELS, Decoding(list_labels=False)).predict(["will it rain"], [["tunes", "wake-up buzz"]])
     assert set(sub[0].probs) == {"tunes", "wake-up buzz"}
+
+
+class CopyingScorer(BiasedScorer):
+    """A model that copies its demonstrations: every label shown as an example's label gets +2, content-free input
+    or not; on a real query the right label scores -1 and the others -3."""
+
+    def score(self, requests):
+        out = []
+        for r in requests:
+            self.requests.append(r)
+            text = r.messages[-1][1]
+            right = self.gold.get(text.rsplit("Query: ", 1)[-1].removesuffix("\nLabel:"))
+            out.append([CandidateScore((-1.0 if c == right else -3.0) + (2.0 if f"Label: {c}\n" in text else 0.0), 1)
+                        for c in r.candidates])
+        return out
+
+
+def test_retrieved_demonstrations_are_not_calibrated_away():
+    """Calibrating with the demonstrations retrieved for a query scores their labels as the prior and cancels the
+    retrieval; few-shot calibrates on the content-free input without them (the fixed-demonstration variant keeps
+    its demonstrations, which are the same for every query)."""
+    gold = {"will it rain": "sky report", "wake me at six": "wake-up buzz", "play jazz": "tunes"}
+    samples = [Example("rain tomorrow?", "sky report"), Example("buzz me at 7", "wake-up buzz"),
+               Example("some jazz please", "tunes")]
+
+    class Near:  # each query retrieves the one sample with its own label, then a wrong one
+        def encode(self, texts):
+            key = {"rain": 0, "buzz": 1, "wake": 1, "jazz": 2}
+            return np.array([[1.0 if any(w in t and key[w] == j for w in key) else 0.0 for j in range(3)]
+                             for t in texts])
+
+    llm = CopyingScorer(gold)
+    method = FewShot(llm, LABELS, Decoding(list_labels=False), k=2, embedder=Near()).fit(samples)
+    preds = method.predict(list(gold))
+    assert [p.label for p in preds] == [gold[q] for q in gold]
+    calib = [r for r in llm.requests if prompts.CONTENT_FREE in r.messages[-1][1]]
+    assert calib and all("Examples:" not in r.messages[-1][1] for r in calib)
+    assert {r.messages[-1][1] for r in calib} == {f"Query: {prompts.CONTENT_FREE}\nLabel:"}  # zero-shot's own
+    fixed = FewShotFixed(CopyingScorer(gold), LABELS, Decoding(list_labels=False), k=2).fit(samples)
+    fixed.predict(["play jazz"])
+    assert all("Examples:" in r.messages[-1][1] for r in fixed.llm.requests)
 
 
 def test_content_free_input_is_scored_once_per_candidate_set():
