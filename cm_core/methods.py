@@ -479,8 +479,10 @@ class FewShot(LLMMethod):
 
     def _calib_context(self, context):
         """No demonstrations: they were retrieved FOR this query, and a content-free prompt that keeps them scores
-        their labels as the 'prior', so calibration cancelled the very signal retrieval adds (measured on banking77
-        in bf16: 16.5 % few-shot at 1 % of the data, 5.0 % at 5 %, where the demonstrations are closer)."""
+        their labels as the 'prior', so calibration cancels the very signal retrieval adds. Measured on banking77
+        (bf16, 200 queries): with them 16.5 % at 1 % of the data and 5.0 % at 5 %; without them 4.0 % and 24.5 %.
+        At 1 % (30 samples for 77 labels) the demonstrations are mostly wrong and are now copied; at 5 % they are
+        close and help, as few-shot should."""
         return []
 
     def _messages(self, text, cands, context=None):
