@@ -132,7 +132,9 @@ def test_fit_counts_base_answers_against_user_labels(table_method):
     assert base.fitted_on == samples  # an unfitted base is shown the samples
     assert cm.bank_.counts == {"weather": {"outside": 1, "sky report": 1}, "alarm": {"wake-up buzz": 1},
                                "music": {"tunes": 1, "radio": 1}, "cooking": {"grub": 1}}
-    assert cm.bank_.meta == {"base_method": "table", "temperature": 0.0, "seed": 3, "n_samples": 6}
+    meta = dict(cm.bank_.meta)
+    assert meta.pop("shrinkage")["alpha"] == 0.0  # the user's words are never the model's: nothing to keep
+    assert meta == {"base_method": "table", "temperature": 0.0, "seed": 3, "n_samples": 6}
     assert cm.predict(["bake bread"])[0].label == "grub"
 
 

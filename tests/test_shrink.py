@@ -113,3 +113,5 @@ def test_the_evaluation_records_the_chosen_strength():
                          pref_count=8, n_test=8, seed=3, n_boot=20)
     for name in ("label_similarity+cm_shrunk", "label_similarity+cm_soft_shrunk"):
         assert set(res["results"][name]["shrinkage"]) == {"alpha", "best_alpha", "rule", "loo_loglik"}
+        # the same choice is stored with the bank the variants share
+        assert res["banks"]["label_similarity"]["bank"]["meta"]["shrinkage"] == res["results"][name]["shrinkage"]
