@@ -45,7 +45,7 @@ def estimate_bank(base: Method, samples: Sequence[Example], temperature: float =
     pairs = [(a, s.label) for a, s in zip(answers, samples) if a]  # "": a failed query is no evidence
     bank = MemoryBank.from_pairs(pairs, meta)
     # the shrunk forms' prior strength depends on the bank and the labels alone: stored with the bank, so a saved
-    # bank says how far the shrunk forms trust it (the same choice CM(shrink=True) makes when fitted on it)
+    # bank says how far the shrunk forms trust it (the same choice a shrunk CM makes when fitted on it)
     bank.meta["shrinkage"] = choose_alpha(bank.counts, base.labels)
     return bank
 
