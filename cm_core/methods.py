@@ -580,7 +580,8 @@ class SelfConsistency(Method):
             dists = [p[i].probs for p in all_preds if p[i].probs]
             probs = None
             if dists:
-                keys = set().union(*dists)
+                keys = sorted(set().union(*dists))  # a fixed order: draw() samples by position, and a set's
+                # order of strings changes with each process's hash seed (it made self-consistency's banks differ)
                 probs = {k: sum(d.get(k, 0.0) for d in dists) / len(dists) for k in keys}
             out.append(Prediction(label, probs, {"votes": votes}))
         return out

@@ -350,3 +350,24 @@ def test_cm_learns_the_users_wording(embedded_llm, data_dir):
     majority = max(gold.count(g) for g in set(gold)) / len(gold)
     assert cm["accuracy"] > res["results"]["zero_shot"]["accuracy"]
     assert cm["accuracy"] > majority, (cm["accuracy"], majority, list(zip(gold, base, final)))
+
+
+def test_self_consistency_draws_the_same_bank_answer_in_every_process():
+    """Its p(ŷ|x) is built over the union of its voters' labels; draw() samples by position, so that union must
+    have a fixed order. A set's order of strings changes with the process's hash seed: run two seeds."""
+    import subprocess
+    import sys
+    code = ("from cm_core.methods import SelfConsistency, Prediction, draw\n"
+            "class V:\n"
+            "    def __init__(self, probs): self.probs = probs\n"
+            "    def fit(self, s): pass\n"
+            "    def predict(self, texts, candidates=None): return [Prediction(max(self.probs, key=self.probs.get), "
+            "dict(self.probs)) for _ in texts]\n"
+            "labels = [f'label {i}' for i in range(12)]\n"
+            "voters = [V({l: (i + 1.0) for i, l in enumerate(labels)}), V({l: 1.0 for l in labels[::-1]})]\n"
+            "from cm_core.data import Example\nsc = SelfConsistency(None, labels, voters=voters).fit([Example('x', labels[0])])\n"
+            "preds = sc.predict([f'q{i}' for i in range(30)])\n"
+            "print(list(preds[0].probs) == sorted(preds[0].probs), draw([f'q{i}' for i in range(30)], preds, 0.7, 0))\n")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(outs) == 1 and next(iter(outs)).startswith("True")
