@@ -53,11 +53,14 @@ def loo_terms(counts: Mapping[str, Mapping[str, int]], alpha: float,
     return out
 
 
-def loo_loglik(counts: Mapping[str, Mapping[str, int]], alpha: float, labels: Collection[str]) -> float:
-    """Mean leave-one-out log-likelihood of the samples' labels under the bank shrunk by ``alpha``."""
-    terms = loo_terms(counts, alpha, labels)
+def _mean(terms: list[tuple[float, int]]) -> float:
     n = sum(c for _, c in terms)
     return sum(t * c for t, c in terms) / n if n else 0.0
+
+
+def loo_loglik(counts: Mapping[str, Mapping[str, int]], alpha: float, labels: Collection[str]) -> float:
+    """Mean leave-one-out log-likelihood of the samples' labels under the bank shrunk by ``alpha``."""
+    return _mean(loo_terms(counts, alpha, labels))
 
 
 def _paired_gap(best: list[tuple[float, int]], other: list[tuple[float, int]]) -> tuple[float, float]:
@@ -73,13 +76,12 @@ def _paired_gap(best: list[tuple[float, int]], other: list[tuple[float, int]]) -
 
 def choose_alpha(counts: Mapping[str, Mapping[str, int]], labels: Collection[str],
                  alphas=ALPHAS) -> dict[str, object]:
-    """The prior strength by the standard-error rule (``SE_RULE``) over the leave-one-out likelihood, with every candidate's
-    score and the best one's (stored in the bank's metadata and the results JSON, so a reader sees how clear the
+    """The prior strength by the standard-error rule (``SE_RULE``) over the leave-one-out likelihood, with every
+    candidate's score and the best one's (stored in the bank's metadata and the results JSON, so a reader sees how clear the
     choice was)."""
     labels = set(labels)
     terms = {a: loo_terms(counts, a, labels) for a in alphas}
-    n = sum(c for _, c in terms[alphas[0]]) if alphas else 0
-    scores = {a: (sum(t * c for t, c in terms[a]) / n if n else 0.0) for a in alphas}
+    scores = {a: _mean(terms[a]) for a in alphas}
     best = max(alphas, key=lambda a: (round(scores[a], 12), -a))
     if not any(r in labels for r in counts):
         chosen = 0.0  # no answer is a user label: nothing to keep, alpha has no effect
