@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from .embeddings import get_embedder
-from .methods import Method, Prediction, draw, softmax
+from .methods import Method, Prediction, softmax
 
 
 def _restricted(probs: dict[str, float], cands: Sequence[str]) -> Prediction:
@@ -79,11 +79,11 @@ class TrainedEmbeddingMethod(EmbeddingMethod):
     def _fit(self, samples):
         self._fit_quietly(self.emb.encode([s.text for s in samples]), [s.label for s in samples])
 
-    def answer_samples(self, samples, temperature: float = 0.7, seed: int = 0):
+    def predict_samples(self, samples, seed: int = 0):
         samples = list(samples)
         texts = [s.text for s in samples]
         if len(samples) < 2 * self.folds:  # too few to hold any fold out
-            return self.sample(texts, temperature, seed)
+            return self.predict(texts)
         from sklearn.model_selection import KFold
         X = self.emb.encode(texts)
         y = np.array([s.label for s in samples], dtype=object)
@@ -93,8 +93,7 @@ class TrainedEmbeddingMethod(EmbeddingMethod):
             copy._fit_quietly(X[fit_idx], y[fit_idx].tolist())
             for i, d in zip(held, copy._dists(X[held])):
                 oof[int(i)] = d
-        preds = [_restricted(oof[i], self.labels) for i in range(len(samples))]
-        return draw(texts, preds, temperature, seed)
+        return [_restricted(oof[i], self.labels) for i in range(len(samples))]
 
     def _clone(self) -> "TrainedEmbeddingMethod":
         raise NotImplementedError
@@ -211,7 +210,7 @@ class SetFit(EmbeddingMethod):
         classes = list(self.model_.model_head.classes_)
         return [dict(zip(classes, row.tolist())) for row in p]
 
-    def answer_samples(self, samples, temperature: float = 0.7, seed: int = 0):
+    def predict_samples(self, samples, seed: int = 0):
         from .errors import CMError
         raise CMError("setfit answers its own training samples near-perfectly, so a CM bank over it would be an "
                       "identity; CM over SetFit (out-of-fold refits of the encoder) is not offered")

@@ -11,25 +11,29 @@ from typing import Sequence
 
 from .bank import MemoryBank
 from .data import Example
+from .em import fit_em
 from .marginalize import decide, decide_shrunk, soft_marginalize
 from .methods import Method, Prediction
 from .shrink import choose_alpha, shrunk_conditional
 
-# The CM variants, by the suffix a method name carries: suffix -> (form, single-candidate rule, shrink).
-# "+cm": the paper's formula (a single candidate is mapped to); "+cm_paper": the official code (it is kept);
-# "+cm_soft": the soft form over p(ŷ|x); "+cm_shrunk" / "+cm_soft_shrunk": the bank pulled toward keeping ŷ
-# (cm_core.shrink). A new variant is one entry here (and its rule in marginalize.py).
-VARIANTS: dict[str, tuple[str, str, bool]] = {
-    "+cm": ("hard", "map", False), "+cm_paper": ("hard", "keep", False), "+cm_soft": ("soft", "map", False),
-    "+cm_shrunk": ("hard", "map", True), "+cm_soft_shrunk": ("soft", "map", True)}
+# The CM variants, by the suffix a method name carries: suffix -> (form, single-candidate rule, shrink, how
+# p(y'|ŷ) is learned). "+cm": the paper's formula (a single candidate is mapped to); "+cm_paper": the official code
+# (it is kept); "+cm_soft": the soft form over p(ŷ|x); "+cm_shrunk" / "+cm_soft_shrunk": the bank pulled toward
+# keeping ŷ (cm_core.shrink); "+cm_em": the soft form with p(y'|ŷ) fitted by EM on the base's whole p(ŷ|x_i)
+# (cm_core.em) instead of counted from one sampled answer. A new variant is one entry here (and its rule in
+# marginalize.py).
+VARIANTS: dict[str, tuple[str, str, bool, str]] = {
+    "+cm": ("hard", "map", False, "count"), "+cm_paper": ("hard", "keep", False, "count"),
+    "+cm_soft": ("soft", "map", False, "count"), "+cm_shrunk": ("hard", "map", True, "count"),
+    "+cm_soft_shrunk": ("soft", "map", True, "count"), "+cm_em": ("soft", "map", False, "em")}
 
 
-def variant_suffix(form: str, single: str, shrink: bool = False) -> str:
+def variant_suffix(form: str, single: str, shrink: bool = False, estimate: str = "count") -> str:
     if form == "soft":
         single = "map"  # the soft form has no single-candidate rule
-    suffix = next((s for s, v in VARIANTS.items() if v == (form, single, shrink)), None)
+    suffix = next((s for s, v in VARIANTS.items() if v == (form, single, shrink, estimate)), None)
     if suffix is None:
-        raise ValueError(f"no CM variant is {form}, single={single}, shrink={shrink}")
+        raise ValueError(f"no CM variant is {form}, single={single}, shrink={shrink}, estimate={estimate}")
     return suffix
 
 
@@ -54,20 +58,24 @@ class CM(Method):
     """``base``: the method whose answers are marginalized. ``chooser``: who picks among a bank entry's several
     candidates (default: the base itself). ``bank``: a given bank is used as it is instead of being estimated.
     ``prefit``: the base is already fitted on the same samples (fit only estimates the bank). ``shrink``: pull
-    p(y'|ŷ) toward keeping ŷ with a strength chosen on the samples (``shrinkage_``; see :mod:`cm_core.shrink`)."""
+    p(y'|ŷ) toward keeping ŷ with a strength chosen on the samples (``shrinkage_``; see :mod:`cm_core.shrink`).
+    ``estimate="em"`` (soft form only): p(y'|ŷ) is fitted by EM on the base's p(ŷ|x) for each sample (``em_``; see
+    :mod:`cm_core.em`); the counted bank is still kept in ``bank_`` (what the samples' drawn answers were)."""
 
     def __init__(self, base: Method, chooser: Method | None = None, *, form: str = "hard", single: str = "map",
                  temperature: float = 0.7, seed: int = 0, bank: MemoryBank | None = None, prefit: bool = False,
-                 shrink: bool = False):
+                 shrink: bool = False, estimate: str = "count"):
         if form not in ("hard", "soft"):
             raise ValueError("form must be 'hard' or 'soft'")
         if single not in ("map", "keep"):
             raise ValueError("single must be 'map' or 'keep'")
+        if estimate not in ("count", "em") or (estimate == "em" and form != "soft"):
+            raise ValueError("estimate must be 'count' or 'em' (the latter for the soft form)")
         self.base, self.chooser = base, chooser
         self.form, self.single, self.temperature, self.seed = form, single, temperature, seed
-        self.bank, self.prefit, self.shrink = bank, prefit, shrink
+        self.bank, self.prefit, self.shrink, self.estimate = bank, prefit, shrink, estimate
         self.labels = base.labels
-        self.name = base.name + variant_suffix(form, single, shrink)
+        self.name = base.name + variant_suffix(form, single, shrink, estimate)
 
     @property
     def needs_llm(self) -> bool:  # type: ignore[override]
@@ -76,7 +84,7 @@ class CM(Method):
     @property
     def needs_samples(self) -> bool:  # type: ignore[override]
         """Samples are needed to estimate the bank, or by a base that learns from them."""
-        return self.bank is None or (self.base.needs_samples and not self.prefit)
+        return self.bank is None or self.estimate == "em" or (self.base.needs_samples and not self.prefit)
 
     @property
     def gives_probs(self) -> bool:
@@ -93,6 +101,12 @@ class CM(Method):
                                                                             self.seed)
         if self.shrink:
             self.shrinkage_ = choose_alpha(self.bank_.counts, self.labels)
+        if self.estimate == "em":
+            preds = self.base.predict_samples(samples, self.seed)
+            usable = [(p.probs, s.label) for p, s in zip(preds, samples) if p.probs]
+            if not usable:
+                raise ValueError(f"{self.name}: the base gives no p(ŷ|x) on its samples to fit p(y'|ŷ) on")
+            self.em_ = fit_em([p for p, _ in usable], [y for _, y in usable], self.labels, seed=self.seed)
         self._prepare_choices()
 
     def _prepare_choices(self) -> None:
@@ -113,6 +127,8 @@ class CM(Method):
         return decide(base_answer, self.bank_, self.single)
 
     def _conditional(self, response: str) -> dict[str, float]:
+        if self.estimate == "em":
+            return self.em_["conditional"].get(response, {})  # an answer no sample could give: keep it
         if self.shrink:
             return shrunk_conditional(response, self.bank_.candidates(response), self.shrinkage_["alpha"], self.labels)
         return self.bank_.conditional(response)

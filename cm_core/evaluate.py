@@ -222,6 +222,8 @@ def run_evaluation(dataset: Dataset | str, llm: LLM | None, methods: Sequence[st
             extra[name] = {**cm_actions(preds), "time_s": round(time.time() - t0, 2), "kind": _kind(base_name)}
             if getattr(cm, "shrinkage_", None):  # the prior strength the samples chose (cm_core.shrink)
                 extra[name]["shrinkage"] = cm.shrinkage_
+            if getattr(cm, "em_", None):  # the EM fit's prior strength (cm_core.em); its rows stay in the object
+                extra[name]["em"] = {k: v for k, v in cm.em_.items() if k != "conditional"}
             count_failed(name)
     if progress:
         progress(1.0, "done")

@@ -148,10 +148,15 @@ class Method(ABC):
         """One answer per text drawn at ``temperature`` from p(ŷ|x); argmax at temperature 0."""
         return draw(texts, self.predict(texts), temperature, seed)
 
+    def predict_samples(self, samples: Sequence[Example], seed: int = 0) -> list[Prediction]:
+        """This method's predictions, p(ŷ|x) included, for the preference samples it was fitted on (what CM learns
+        from). A method that memorizes its training rows overrides this to predict them out of fold."""
+        return self.predict([s.text for s in samples])
+
     def answer_samples(self, samples: Sequence[Example], temperature: float = 0.7, seed: int = 0) -> list[str]:
-        """The answers CM's memory bank counts: this method's answers to the preference samples it was fitted on.
-        A method that memorizes its training rows overrides this to answer them out of fold."""
-        return self.sample([s.text for s in samples], temperature, seed)
+        """The answers CM's memory bank counts: one drawn at ``temperature`` from each of :meth:`predict_samples`."""
+        samples = list(samples)
+        return draw([s.text for s in samples], self.predict_samples(samples, seed), temperature, seed)
 
     def prepare(self, candidate_sets: Sequence[Sequence[str]]) -> None:
         """Do now the work that depends only on candidate sets known in advance (CM's bank entries), so that a

@@ -37,7 +37,7 @@ METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (
 LLM_METHODS = tuple(n for n, c in METHODS.items() if c.needs_llm)
 BASELINES = tuple(n for n, c in METHODS.items() if not c.needs_llm)
 ALL_METHODS = tuple(METHODS)
-CM_VARIANTS = VARIANTS  # suffix -> (form, single-candidate rule, shrink)
+CM_VARIANTS = VARIANTS  # suffix -> (form, single-candidate rule, shrink, estimate)
 PROTOCOLS = ("ours", "paper")
 PAPER_VARIANTS = ("+cm_paper", "+cm", "+cm_shrunk")  # as coded, as the formula reads, and (this project's, not
 # the official code's) the formula over the shrunk bank; +cm_soft needs p(y|x), which the paper's methods lack
@@ -91,9 +91,11 @@ def needs_llm(name: str, protocol: str = "ours") -> bool:
 
 
 def needs_samples(name: str, *, bank_given: bool = False, protocol: str = "ours") -> bool:
-    """A base method that learns from samples needs them; a CM variant needs them to estimate its bank."""
+    """A base method that learns from samples needs them; a CM variant needs them to estimate its bank (+cm_em
+    always: it fits p(y'|ŷ) on the base's p(ŷ|x) for each sample, which no bank file holds)."""
     base, variant = split_method_name(name, protocol)
-    return _methods(protocol)[base].needs_samples or (variant is not None and not bank_given)
+    em = variant is not None and VARIANTS[variant][3] == "em"
+    return _methods(protocol)[base].needs_samples or (variant is not None and (not bank_given or em))
 
 
 def is_soft(name: str) -> bool:
@@ -157,9 +159,9 @@ def build(name: str, *, labels: Sequence[str], llm: LLM | None = None, decoding:
     if cls.needs_llm:
         listed = dataclasses.replace(decoding or Decoding(), list_labels=True)
         chooser = ZeroShot(llm, labels, listed)
-    form, single, shrink = VARIANTS[variant]
+    form, single, shrink, estimate = VARIANTS[variant]
     return CM(base, chooser, form=form, single=single, temperature=bank_temperature, seed=seed, bank=bank,
-              prefit=prefit, shrink=shrink)
+              prefit=prefit, shrink=shrink, estimate=estimate)
 
 
 def _build_paper(name: str, *, labels, llm, bank, base, seed, dataset) -> Method:
@@ -184,5 +186,5 @@ def _build_paper(name: str, *, labels, llm, bank, base, seed, dataset) -> Method
     base = base or cls(llm, labels, **kw)
     few_shot = base if isinstance(base, PaperFewShot) and base.gpt else None  # the GPT runs re-ask with its prompt
     chooser = PaperChooser(llm, labels, few_shot=few_shot, **kw)
-    _, single, shrink = VARIANTS[variant]
+    _, single, shrink, _ = VARIANTS[variant]
     return CM(BankLookup(base), chooser, form="hard", single=single, bank=bank, prefit=prefit, shrink=shrink)

@@ -23,7 +23,7 @@ from .registry import BASELINES, CM_VARIANTS, LLM_METHODS, split_method_name
 ALPHA = 0.05
 VARIANT_ORDER = ("base", *CM_VARIANTS)  # base, +cm, +cm_paper, +cm_soft
 VARIANT_COLORS = {"base": "#8c8c8c", "+cm": "#1f77b4", "+cm_paper": "#2ca02c", "+cm_soft": "#9467bd",
-                  "+cm_shrunk": "#ff7f0e", "+cm_soft_shrunk": "#8c564b"}
+                  "+cm_shrunk": "#ff7f0e", "+cm_soft_shrunk": "#8c564b", "+cm_em": "#e377c2"}
 
 
 # --------------------------------------------------------------------------- formatting

@@ -512,13 +512,14 @@ def _notes(state: dict, backend: str, api_key: str | None) -> list[str]:
     return notes
 
 
-def _eval_methods(bases: list[str], with_baselines: bool) -> list[str]:
-    """The methods a batch evaluation runs: each LLM base with CM (the model's own words also with soft CM), then
-    the classifiers trained on the same samples (with CM too: the evaluation's habit)."""
+def _eval_methods(bases: list[str], with_samples: bool) -> list[str]:
+    """The methods a batch evaluation runs: each LLM base with CM (the model's own words also with soft CM, and,
+    given the samples, with the EM-fitted soft CM, the best form there in our misalignment reports), then the
+    classifiers trained on the same samples (with CM too: the evaluation's habit)."""
     out = []
     for b in bases:
-        out += [f"{b}+cm", f"{b}+cm_soft"] if b == "own_words" else [b]
-    return out + (list(BASELINES) if with_baselines else [])
+        out += [f"{b}+cm", f"{b}+cm_soft", *([f"{b}+cm_em"] if with_samples else [])] if b == "own_words" else [b]
+    return out + (list(BASELINES) if with_samples else [])
 
 
 # --------------------------------------------------------------------------- one evaluation

@@ -788,7 +788,7 @@ def test_auto_picks_the_base_that_wins_on_held_out_rows(fake_openai, tmp_path, m
     assert _bank_of(bank_dl)["meta"]["responses"] == ["finance", "animals", "repairs", "weather"]
     argv = _shown_argv(status)
     assert argv[argv.index("--responses") + 1] == "model_words.txt" and "save the model" in status
-    assert "own_words+cm,own_words+cm_soft,zero_shot,knn,logreg" in argv
+    assert "own_words+cm,own_words+cm_soft,own_words+cm_em,zero_shot,knn,logreg" in argv
     base, cm, why, cands, scores, all_rows = handlers.ask("order more cat food today", *backend, state)
     assert (base, cm) == ("animals", "pet care") and why.startswith("map:") and "CM answered 'pet care'" in why
     assert {r["method"] for r in _rows(all_rows)} >= {"the model's own words (model alone)",
@@ -798,7 +798,7 @@ def test_auto_picks_the_base_that_wins_on_held_out_rows(fake_openai, tmp_path, m
                     + '"=HYPERLINK(""http://x"")",money stuff\n=1+1,money stuff\n', encoding="utf-8")
     ev_table, summary, per_row = handlers.evaluate_batch(str(test), "text", "label", *backend, state, progress=noop)
     methods = [r["method"] for r in _rows(ev_table)]
-    assert methods[:4] == ["own_words", "own_words+cm", "own_words+cm_soft", "zero_shot"]
+    assert methods[:5] == ["own_words", "own_words+cm", "own_words+cm_soft", "own_words+cm_em", "zero_shot"]
     assert summary.startswith("**On these 14 rows")
     raw = Path(_path(per_row)).read_text(encoding="utf-8")
     assert "\n\"'=HYPERLINK(\"\"http://x\"\")\"," in raw and "\n'=1+1," in raw and "\n=" not in raw

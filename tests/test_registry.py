@@ -82,7 +82,7 @@ def test_cm_variants_build_by_name(base, variant):
     llm = WordLLM()
     cm = registry.build(base + variant, labels=LABELS, llm=llm)
     assert isinstance(cm, CM) and cm.name == base + variant
-    assert (cm.form, cm.single, cm.shrink) == registry.CM_VARIANTS[variant]
+    assert (cm.form, cm.single, cm.shrink, cm.estimate) == registry.CM_VARIANTS[variant]
     if registry.needs_llm(base):  # the re-ask lists the bank entry's candidates
         assert isinstance(cm.chooser, ZeroShot) and cm.chooser.dec.list_labels is True
     else:
