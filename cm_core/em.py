@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .shrink import ALPHAS, FLOOR, SE_RULE, _paired_gap
+from .shrink import ALPHAS, FLOOR, SE_RULE, se_rule
 
 EPS = 0.01  # prior pseudo-count on each (answer, label) cell
 FOLDS = 5
@@ -101,10 +101,7 @@ def fit_em(sample_probs: Sequence[Mapping[str, float]], sample_labels: Sequence[
     elif len(grid) == 1:
         chosen = best = grid[0]
     else:
-        best = max(grid, key=lambda a: (round(scores[a], 12), -a))
-        pairs = {a: [(float(v), 1) for v in terms[a]] for a in grid}
-        gaps = {a: _paired_gap(pairs[best], pairs[a]) for a in grid}
-        chosen = max(a for a in grid if gaps[a][0] <= SE_RULE * gaps[a][1] + 1e-12)
+        chosen, best = se_rule({a: [(float(v), 1) for v in t] for a, t in terms.items()})
     M = fit_transition(P, Y, keep, len(labels), chosen)
     conditional = {}
     for r, row in zip(responses, M):

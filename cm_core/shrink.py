@@ -74,6 +74,15 @@ def _paired_gap(best: list[tuple[float, int]], other: list[tuple[float, int]]) -
     return mean, math.sqrt(var / n)
 
 
+def se_rule(terms: Mapping[float, list[tuple[float, int]]]) -> tuple[float, float]:
+    """(chosen, best): the best alpha by mean held-out likelihood, and the largest whose paired per-sample loss
+    against it is within ``SE_RULE`` standard errors. ``terms``: alpha -> (log-likelihood, weight) per sample."""
+    scores = {a: _mean(t) for a, t in terms.items()}
+    best = max(terms, key=lambda a: (round(scores[a], 12), -a))
+    gaps = {a: _paired_gap(terms[best], t) for a, t in terms.items()}
+    return max(a for a in terms if gaps[a][0] <= SE_RULE * gaps[a][1] + 1e-12), best
+
+
 def choose_alpha(counts: Mapping[str, Mapping[str, int]], labels: Collection[str],
                  alphas=ALPHAS) -> dict[str, object]:
     """The prior strength by the standard-error rule (``SE_RULE``) over the leave-one-out likelihood, with every
@@ -82,11 +91,8 @@ def choose_alpha(counts: Mapping[str, Mapping[str, int]], labels: Collection[str
     labels = set(labels)
     terms = {a: loo_terms(counts, a, labels) for a in alphas}
     scores = {a: _mean(terms[a]) for a in alphas}
-    best = max(alphas, key=lambda a: (round(scores[a], 12), -a))
+    chosen, best = se_rule(terms)
     if not any(r in labels for r in counts):
         chosen = 0.0  # no answer is a user label: nothing to keep, alpha has no effect
-    else:
-        gaps = {a: _paired_gap(terms[best], terms[a]) for a in alphas}
-        chosen = max(a for a in alphas if gaps[a][0] <= SE_RULE * gaps[a][1] + 1e-12)
     return {"alpha": chosen, "best_alpha": best, "rule": f"largest within {SE_RULE:g} standard errors of the best",
             "loo_loglik": {str(a): round(s, 6) for a, s in scores.items()}}
