@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "cm_core"
 LAYERS = [
     {"errors"},
     {"data", "bank", "embeddings", "backends", "shrink"},
-    {"prompts", "paper", "upload", "misalign"},
+    {"prompts", "paper", "upload", "misalign", "em"},
     {"methods"},
     {"baselines", "paper_methods", "marginalize", "training"},
     {"cm"},
