@@ -12,6 +12,7 @@ from typing import Sequence
 from .bank import MemoryBank
 from .data import Example
 from .em import fit_em
+from .errors import CMError
 from .marginalize import decide, decide_shrunk, soft_marginalize
 from .methods import Method, Prediction
 from .shrink import choose_alpha, shrunk_conditional
@@ -103,9 +104,11 @@ class CM(Method):
             self.shrinkage_ = choose_alpha(self.bank_.counts, self.labels)
         if self.estimate == "em":
             preds = self.base.predict_samples(samples, self.seed)
-            usable = [(p.probs, s.label) for p, s in zip(preds, samples) if p.probs]
+            # no distribution: the answer alone, with certainty (as _soft reads it); no answer: no evidence
+            usable = [(p.probs or {p.label: 1.0}, s.label) for p, s in zip(preds, samples) if p.probs or p.label]
             if not usable:
-                raise ValueError(f"{self.name}: the base gives no p(ŷ|x) on its samples to fit p(y'|ŷ) on")
+                raise CMError(f"{self.name}: the base answered none of its {len(samples)} samples, so there is "
+                              "nothing to fit p(y'|ŷ) on")
             self.em_ = fit_em([p for p, _ in usable], [y for _, y in usable], self.labels, seed=self.seed)
         self._prepare_choices()
 

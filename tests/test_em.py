@@ -141,3 +141,20 @@ def test_cm_em_in_the_registry_and_the_results():
     em = res["results"]["knn+cm_em"]
     assert set(em["em"]) >= {"alpha", "best_alpha", "rule", "cv_loglik"} and "conditional" not in em["em"]
     assert em["accuracy"] >= res["results"]["knn"]["accuracy"] - 0.1
+
+
+class _NoProbs(_Fixed):
+    """Free text: an answer, no distribution (or no answer at all for a failed query)."""
+
+    def predict(self, texts, candidates=None):
+        return [Prediction(self.table.get(t, ""), None) for t in texts]
+
+
+def test_cm_em_reads_an_answer_without_a_distribution_as_certain():
+    samples = [Example(f"q{i}", "K-1" if i % 3 else "K-2") for i in range(12)]
+    table = {f"q{i}": "songs" if i % 3 else "forecast" for i in range(12)}
+    table["t"] = "songs"
+    em = CM(_NoProbs(["K-1", "K-2"], table), form="soft", estimate="em").fit(samples)
+    assert em.predict(["t"])[0].label == "K-1" and em.em_["conditional"]["forecast"]["K-2"] > 0.9
+    with pytest.raises(CMError, match="answered none of its 2 samples"):
+        CM(_NoProbs(["K-1"], {}), form="soft", estimate="em").fit([Example("a", "K-1"), Example("b", "K-1")])
